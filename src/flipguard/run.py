@@ -1,0 +1,219 @@
+"""Run directory: everything needed to rebuild a trained detector exactly.
+
+Layout::
+
+    RUN/config.json    RunConfig: data, model, score, train and threshold sections
+    RUN/model.pt       state dict (loaded with ``torch.load(..., weights_only=True)``)
+    RUN/metrics.json   test metrics written by ``flipguard train`` / ``evaluate``
+
+Example::
+
+    run = load_run("runs/demo")
+    ds = run.load_data()
+    recon = run.model(ds.test[:4])
+    scores = run.scorer.scores(ds.test[:4], recon)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flipguard import __version__
+from flipguard.errors import FlipguardError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+
+
+class RunError(FlipguardError):
+    """A run directory is missing, incomplete or corrupt."""
+
+
+class DataSection(BaseModel):
+    """Where the data comes from and how it is preprocessed."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    category: str | None = None
+    size: int = 128
+    channels: int = 1
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+
+class ModelSection(BaseModel):
+    """Which network: the built-in CAE (``kind="cae"``) or a user factory ``pkg.mod:fn``."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "cae"
+    params: dict[str, Any] = Field(default_factory=dict)
+    factory: str | None = None
+
+
+class ThresholdSection(BaseModel):
+    """The deployed decision threshold and the normal-validation statistics it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: float
+    method: str = "quantile"
+    quantile: float = 0.99
+    k: float = 3.0
+    val_stats: dict[str, float] = Field(default_factory=dict)
+
+
+class RunConfig(BaseModel):
+    """Full configuration of a trained detector (``RUN/config.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    flipguard_version: str = __version__
+    data: DataSection
+    model: ModelSection
+    score: dict[str, Any]
+    train: dict[str, Any] = Field(default_factory=dict)
+    threshold: ThresholdSection
+
+
+@dataclass
+class Run:
+    """A loaded run directory (see module docstring)."""
+
+    path: Path
+    config: RunConfig
+    model: torch.nn.Module
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config.threshold.value)
+
+    @property
+    def scorer(self):  # -> flipguard.detect.Scorer
+        from flipguard.detect import ScoreConfig, Scorer
+
+        return Scorer(ScoreConfig(**self.config.score))
+
+    def load_data(self, data_dir: str | Path | None = None):
+        """Load the run's dataset (or ``data_dir`` instead) with the run's preprocessing."""
+        from flipguard.data import load_mvtec
+
+        d = self.config.data
+        root = Path(data_dir) if data_dir is not None else Path(d.path)
+        return load_mvtec(root, category=d.category, size=d.size, channels=d.channels)
+
+    def model_fingerprint(self) -> str:
+        """sha256 over the state dict (names, dtypes, shapes and raw bytes)."""
+        return state_fingerprint(self.model.state_dict())
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict, independent of device."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def build_model(section: ModelSection) -> torch.nn.Module:
+    """Instantiate the (untrained) network a model section describes."""
+    if section.kind == "cae":
+        from flipguard.models import CAEConfig, build_cae
+
+        return build_cae(CAEConfig(**section.params))
+    if section.kind == "factory" and section.factory:
+        from flipguard.models import load_model
+
+        return load_model(section.factory, None, **section.params)
+    raise RunError(f"model.kind: expected 'cae' or 'factory' with a factory spec, got {section.kind!r}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_run(
+    path: str | Path,
+    config: RunConfig,
+    model: torch.nn.Module,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a run directory atomically file by file; returns its path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS_FILE}.")
+    os.close(fd)
+    try:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state, tmp)
+        os.replace(tmp, path / WEIGHTS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(path / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
+    if metrics is not None:
+        save_metrics(path, metrics)
+    return path
+
+
+def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Write ``RUN/metrics.json`` atomically (NaN written as null)."""
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+    atomic_write_text(Path(path) / METRICS_FILE, json.dumps(clean, indent=2) + "\n")
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a run directory written by :func:`save_run` (weights via ``weights_only=True``)."""
+    path = Path(path)
+    cfg_file, w_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise RunError(f"{path}: run directory not found")
+    if not cfg_file.is_file():
+        raise RunError(f"{cfg_file}: missing (not a flipguard run directory?)")
+    try:
+        config = RunConfig.model_validate_json(cfg_file.read_text())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise RunError(f"{cfg_file}: field '{loc}': {err['msg']}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{cfg_file}: unreadable ({exc})") from None
+    if not w_file.is_file():
+        raise RunError(f"{w_file}: missing model weights")
+    model = build_model(config.model)
+    try:
+        state = torch.load(w_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - any load failure is one user-facing line
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"{w_file}: cannot load weights ({msg})") from None
+    model.eval()
+    metrics: dict[str, Any] = {}
+    m_file = path / METRICS_FILE
+    if m_file.is_file():
+        try:
+            metrics = json.loads(m_file.read_text())
+        except json.JSONDecodeError:
+            raise RunError(f"{m_file}: not valid JSON") from None
+    return Run(path=path, config=config, model=model, metrics=metrics)

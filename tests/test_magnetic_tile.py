@@ -1,0 +1,62 @@
+"""Reading the real Magnetic-Tile dataset unchanged (skips when it is absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flipguard.data import load_mvtec, split_validation
+
+SIZE = 32
+COUNTS = {"good": 287, "blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103}
+
+
+def _nearest(a: np.ndarray, s: int) -> np.ndarray:
+    """Independent nearest-neighbour oracle (sample source at output pixel centres)."""
+    h, w = a.shape
+    iy = np.floor((np.arange(s) + 0.5) * h / s).astype(int)
+    ix = np.floor((np.arange(s) + 0.5) * w / s).astype(int)
+    return a[iy][:, ix]
+
+
+def test_magnetic_tile_loads_unchanged(magnetic_tile: Path) -> None:
+    ds = load_mvtec(magnetic_tile, size=SIZE)
+    assert ds.channels == 1
+    assert tuple(ds.train.shape) == (665, 1, SIZE, SIZE)
+    assert tuple(ds.test.shape) == (679, 1, SIZE, SIZE)
+    assert {t: ds.test_types.count(t) for t in COUNTS} == COUNTS
+    assert ds.defect_types == sorted(k for k in COUNTS if k != "good")
+    np.testing.assert_array_equal(ds.test_labels, [t != "good" for t in ds.test_types])
+    assert ds.test_labels.sum() == 679 - 287
+    for x in (ds.train, ds.test):
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.02
+    assert [Path(p).name for p in ds.train_paths] == sorted(
+        p.name for p in (magnetic_tile / "train" / "good").glob("*.jpg")
+    )
+    for path, kind in zip(ds.test_paths, ds.test_types, strict=True):
+        assert Path(path).parent.name == kind
+
+    masks = ds.test_masks
+    assert masks is not None and tuple(masks.shape) == (679, 1, SIZE, SIZE)
+    m = masks.numpy()[:, 0]
+    assert set(np.unique(m)) == {0.0, 1.0}
+    area = m.reshape(len(m), -1).sum(1)
+    defect = ds.test_labels == 1
+    assert area[~defect].sum() == 0
+    # tiny defects can vanish under nearest resizing at 32 px, but nearly all survive
+    assert (area[defect] > 0).mean() > 0.9
+    for kind in ds.defect_types:
+        assert (area[np.array(ds.test_types) == kind] > 0).any(), kind
+
+    # masks match an independent nearest-neighbour resize of the source mask files
+    for i in np.flatnonzero(defect)[::40]:
+        img = Path(ds.test_paths[i])
+        src = magnetic_tile / "ground_truth" / img.parent.name / f"{img.stem}_mask.png"
+        with Image.open(src) as im:
+            ref = _nearest(np.asarray(im) > 0, SIZE)
+        np.testing.assert_array_equal(m[i], ref.astype(np.float32))
+
+    tr, val = split_validation(len(ds.train), val_fraction=0.1, seed=0)
+    assert val.size == 66 and tr.size == 599
