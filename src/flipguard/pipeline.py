@@ -63,11 +63,10 @@ def train_detector(
     progress = progress or _noop
     ds = load_mvtec(data, category=category, size=size, channels=channels)
     n_ch = int(ds.train.shape[1])
-    mcfg = CAEConfig(**{"input_size": size, "channels": n_ch, **(model or {})})
     tcfg = TrainConfig(**(train or {}))
+    mcfg = CAEConfig(**{"input_size": size, "channels": n_ch, "seed": tcfg.seed, **(model or {})})
     scfg = ScoreConfig(**(score or {}))
     tr_idx, val_idx = split_validation(len(ds.train), val_fraction=val_fraction, seed=split_seed)
-    torch.manual_seed(tcfg.seed)
     net = build_cae(mcfg)
     t0 = time.perf_counter()
     losses = train_model(

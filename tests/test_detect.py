@@ -1,0 +1,232 @@
+"""SSIM, scorer, threshold calibration and evaluation against NumPy/SciPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from flipguard.detect import (
+    ScoreConfig,
+    Scorer,
+    calibrate_threshold,
+    evaluate_detector,
+    reconstruct,
+)
+from flipguard.errors import ConfigError, FlipguardError
+from flipguard.metrics import aupro, threshold_metrics
+from flipguard.ssim import gaussian_blur, ssim, ssim_map
+
+
+def _np_gauss(size: int, sigma: float) -> np.ndarray:
+    x = np.arange(size) - size // 2
+    k = np.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def _np_filter(img: np.ndarray, k: np.ndarray) -> np.ndarray:
+    out = ndimage.correlate1d(img, k, axis=0, mode="nearest")
+    return ndimage.correlate1d(out, k, axis=1, mode="nearest")
+
+
+def _np_ssim_map(x: np.ndarray, y: np.ndarray, size=11, sigma=1.5) -> np.ndarray:
+    """Straightforward SSIM (Wang et al. 2004) of (C, H, W) arrays, mean over channels."""
+    k = _np_gauss(size, sigma)
+    c1, c2 = 0.01**2, 0.03**2
+    out = []
+    for a, b in zip(x, y, strict=True):
+        mu_a, mu_b = _np_filter(a, k), _np_filter(b, k)
+        va = _np_filter(a * a, k) - mu_a**2
+        vb = _np_filter(b * b, k) - mu_b**2
+        cov = _np_filter(a * b, k) - mu_a * mu_b
+        out.append(((2 * mu_a * mu_b + c1) * (2 * cov + c2))
+                   / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2)))
+    return np.mean(out, axis=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 3, 20, 12), (1, 1, 5, 7)])
+def test_ssim_map_matches_numpy_reference(shape):
+    rng = np.random.default_rng(0)
+    x = rng.random(shape)
+    y = np.clip(x + rng.normal(0, 0.2, shape), 0, 1)
+    got = ssim_map(torch.from_numpy(x), torch.from_numpy(y))
+    assert got.shape == (shape[0], 1, *shape[2:])
+    for i in range(shape[0]):
+        np.testing.assert_allclose(got[i, 0].numpy(), _np_ssim_map(x[i], y[i]), atol=1e-10)
+    f32 = ssim_map(torch.from_numpy(x).float(), torch.from_numpy(y).float())
+    np.testing.assert_allclose(f32.numpy(), got.numpy(), atol=2e-4)
+    assert ssim(torch.from_numpy(x), torch.from_numpy(y)).item() == pytest.approx(
+        got.mean().item()
+    )
+
+
+def test_ssim_properties_and_gradient():
+    x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    assert torch.allclose(ssim_map(x, x), torch.ones(2, 1, 12, 12, dtype=torch.float64))
+    y = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    assert torch.allclose(ssim_map(x, y), ssim_map(y, x))
+    assert ssim(x, y) < 0.5
+    xs = torch.rand(1, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    ys = torch.rand(1, 1, 6, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: ssim(a, ys, window_size=5), (xs,))
+
+
+def test_gaussian_blur_matches_scipy():
+    rng = np.random.default_rng(1)
+    img = rng.random((9, 14))
+    got = gaussian_blur(torch.from_numpy(img)[None, None], sigma=2.0)[0, 0].numpy()
+    ref = ndimage.gaussian_filter(img, 2.0, mode="nearest", truncate=4.0)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+
+
+def _pair(n=4, c=1, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, c, size, size, generator=g)
+    r = (x + 0.1 * torch.randn(n, c, size, size, generator=g)).clamp(0, 1)
+    return x, r
+
+
+def test_l2_map_and_reductions():
+    x, r = _pair(c=3)
+    sc = Scorer(ScoreConfig(map="l2", smooth_sigma=0, reduce="max"))
+    m = sc.maps(x, r)
+    ref = ((x.numpy() - r.numpy()) ** 2).mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(m.numpy(), ref, rtol=1e-6)
+    np.testing.assert_allclose(sc.scores(x, r).numpy(), ref.reshape(4, -1).max(1), rtol=1e-6)
+    mean = Scorer(ScoreConfig(map="l2", smooth_sigma=0, reduce="mean")).scores(x, r)
+    np.testing.assert_allclose(mean.numpy(), ref.reshape(4, -1).mean(1), rtol=1e-5)
+
+
+def test_smoothing_and_ssim_map_scores():
+    x, r = _pair()
+    sc = Scorer(ScoreConfig(map="ssim", smooth_sigma=2.0, reduce="max"))
+    xd, rd = x.double().numpy(), r.double().numpy()
+    for i in range(4):
+        raw = 1.0 - _np_ssim_map(xd[i], rd[i])
+        ref = ndimage.gaussian_filter(raw, 2.0, mode="nearest", truncate=4.0)
+        np.testing.assert_allclose(sc.maps(x, r)[i, 0].numpy(), ref, atol=1e-5)
+        assert sc.scores(x, r)[i].item() == pytest.approx(ref.max(), abs=1e-5)
+    # smoothing lowers an isolated peak: max of smoothed <= max of raw
+    raw = Scorer(ScoreConfig(map="ssim", smooth_sigma=0)).scores(x, r)
+    assert (sc.scores(x, r) <= raw + 1e-6).all()
+
+
+def test_scores_batch_size_invariant_and_deterministic():
+    x, r = _pair(n=7, size=24)
+    big = Scorer(ScoreConfig(batch_size=64)).scores(x, r)
+    one = Scorer(ScoreConfig(batch_size=1)).scores(x, r)
+    three = Scorer(ScoreConfig(batch_size=3)).scores(x, r)
+    assert torch.equal(big, one) and torch.equal(big, three)
+    assert torch.equal(big, Scorer(ScoreConfig(batch_size=64)).scores(x, r))
+
+
+@pytest.mark.parametrize("kind", ["l2", "ssim"])
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_non_finite_reconstructions_propagate(kind, reduce):
+    x, r = _pair(n=3)
+    sc = Scorer(ScoreConfig(map=kind, reduce=reduce, smooth_sigma=1.0))
+    clean = sc.scores(x, r)
+    bad = r.clone()
+    bad[0, 0, 2, 3] = float("nan")
+    bad[2, 0, 5, 5] = float("inf")
+    s = sc.scores(x, bad)
+    assert torch.isnan(s[0]) and not torch.isfinite(s[2])
+    assert s[1] == clean[1]  # batch-mates unaffected
+
+
+def test_score_config_errors():
+    with pytest.raises(ConfigError, match="ScoreConfig.map"):
+        ScoreConfig(map="l1")
+    with pytest.raises(ConfigError, match="smooth_sigma"):
+        ScoreConfig(smooth_sigma=-1)
+    with pytest.raises(ConfigError, match="ssim_window"):
+        ScoreConfig(ssim_window=4)
+    with pytest.raises(FlipguardError, match="equal"):
+        Scorer().scores(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 9))
+
+
+def test_calibrate_threshold():
+    rng = np.random.default_rng(0)
+    val = rng.normal(1.0, 0.1, 200)
+    assert calibrate_threshold(val, 0.95) == pytest.approx(np.quantile(val, 0.95))
+    assert calibrate_threshold(torch.tensor(val), 0.5) == pytest.approx(np.median(val))
+    thr = calibrate_threshold(val, method="mean+kstd", k=2.0)
+    assert thr == pytest.approx(val.mean() + 2.0 * val.std(ddof=1))
+    # the threshold flags about 1 % of fresh normal scores
+    fresh = rng.normal(1.0, 0.1, 20000)
+    assert np.mean(fresh > calibrate_threshold(val, 0.99)) < 0.05
+    with pytest.raises(ConfigError, match="val_scores"):
+        calibrate_threshold([1.0, float("nan")])
+    with pytest.raises(ConfigError, match="val_scores"):
+        calibrate_threshold([])
+    with pytest.raises(ConfigError, match="quantile"):
+        calibrate_threshold([1.0, 2.0], quantile=1.5)
+    with pytest.raises(ConfigError, match="method"):
+        calibrate_threshold([1.0, 2.0], method="median")
+
+
+class _Clamp(nn.Module):
+    """'Reconstructs' by clamping to 0.5: bright defects leave a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(max=0.5) * self.scale
+
+
+def test_reconstruct_batches_and_restores_mode():
+    model = _Clamp().train()
+    x = torch.rand(5, 1, 8, 8)
+    calls = []
+    out = reconstruct(model, x, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    assert torch.equal(out, x.clamp(max=0.5))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    assert model.training
+
+
+def _defect_set(n=12, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g) * 0.4
+    masks = torch.zeros(n, 1, size, size)
+    labels = np.array([i % 2 for i in range(n)])
+    for i in np.flatnonzero(labels):
+        r, c = torch.randint(0, size - 4, (2,), generator=g).tolist()
+        a = 2 + i % 3
+        masks[i, 0, r : r + a, c : c + a] = 1
+    x = torch.where(masks > 0, torch.full_like(x, 0.95), x)
+    return x, labels, masks
+
+
+def test_evaluate_detector_matches_direct_metrics():
+    x, labels, masks = _defect_set()
+    x[0, 0, 0, 0] = 0.9  # one normal image with a bright speck -> imperfect separation
+    sc = Scorer(ScoreConfig(map="l2", smooth_sigma=1.0, reduce="max"))
+    model = _Clamp()
+    recon = x.clamp(max=0.5)
+    maps, scores = sc.maps(x, recon), sc.scores(x, recon)
+    thr = 0.01
+    res = evaluate_detector(model, sc, thr, x, labels, masks, batch_size=5)
+    assert res["image_auroc"] == pytest.approx(roc_auc_score(labels, scores.numpy()))
+    assert res["pixel_auroc"] == pytest.approx(roc_auc_score(masks.numpy().ravel(),
+                                                             maps.numpy().ravel()))
+    assert res["aupro"] == pytest.approx(aupro(masks, maps))
+    tm = threshold_metrics(labels, scores.numpy(), thr)
+    for key in ("f1", "precision", "recall", "accuracy", "tp", "fp", "tn", "fn"):
+        assert res[key] == pytest.approx(tm[key])
+    assert res["n_test"] == 12 and res["threshold"] == thr and res["n_anomalous"] == 6
+    assert res["oracle_f1"] >= res["f1"]
+    assert threshold_metrics(labels, scores.numpy(), res["oracle_threshold"])["f1"] == (
+        pytest.approx(res["oracle_f1"])
+    )
+    no_masks = evaluate_detector(model, sc, thr, x, labels, None)
+    assert no_masks["pixel_auroc"] is None and no_masks["aupro"] is None
+    assert no_masks["image_auroc"] == pytest.approx(res["image_auroc"])
+    only_good = evaluate_detector(model, sc, thr, x[labels == 0], labels[labels == 0])
+    assert only_good["image_auroc"] is None and only_good["n_test"] == 6
+    with pytest.raises(ConfigError, match="labels"):
+        evaluate_detector(model, sc, thr, x, labels[:3])

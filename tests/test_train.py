@@ -1,0 +1,123 @@
+"""Training loop: learns a tiny synthetic texture, is seed-deterministic, augments sanely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from flipguard.detect import ScoreConfig, Scorer, reconstruct
+from flipguard.errors import ConfigError
+from flipguard.metrics import image_auroc
+from flipguard.models import CAEConfig, build_cae
+from flipguard.train import TrainConfig, TrainError, augment_batch, train_model
+
+
+def _texture_data(n_train=48, n_test=12, size=32, seed=0):
+    """Normal images: one smooth texture with brightness jitter and pixel noise; defects:
+    the same plus a bright Gaussian blob. Returns (train, test, labels)."""
+    rng = np.random.default_rng(seed)
+    base = ndimage.gaussian_filter(rng.random((size, size)), 2.0, mode="wrap")
+    base = (base - base.min()) / np.ptp(base)
+
+    def normal(n):
+        jitter = rng.uniform(0.9, 1.0, (n, 1, 1))
+        return np.clip(base * jitter + rng.normal(0, 0.02, (n, size, size)), 0, 1)
+
+    yy, xx = np.mgrid[:size, :size]
+    bad = normal(n_test)
+    for i in range(n_test):
+        cy, cx = rng.uniform(5, size - 5, 2)
+        bad[i] = np.clip(bad[i] + 0.7 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0), 0, 1)
+    test = np.concatenate([normal(n_test), bad])
+
+    def t(a):
+        return torch.from_numpy(a[:, None]).float()
+
+    return t(normal(n_train)), t(test), np.repeat([0, 1], n_test)
+
+
+def _tiny(size=32, seed=0):
+    return build_cae(CAEConfig(input_size=size, width=0.25, latent_dim=8, seed=seed))
+
+
+def test_training_learns_and_detects_defects():
+    train, test, labels = _texture_data()
+    model = _tiny()
+    before = ((reconstruct(model, test[:12]) - test[:12]) ** 2).mean().item()
+    seen = []
+    cfg = TrainConfig(epochs=15, batch_size=8, lr=3e-3, loss="l2+ssim", weight_decay=0)
+    hist = train_model(model, train, cfg, progress=lambda e, loss: seen.append((e, loss)))
+    assert len(hist) == 15 and seen == list(zip(range(1, 16), hist, strict=True))
+    assert hist[-1] < 0.2 * hist[0]
+    assert not model.training
+    recon = reconstruct(model, test)
+    after = ((recon[:12] - test[:12]) ** 2).mean().item()
+    assert after < 0.25 * before  # normal images are now reconstructed well
+    scores = Scorer(ScoreConfig(map="l2", smooth_sigma=1.0, reduce="max")).scores(test, recon)
+    assert image_auroc(labels, scores) > 0.9
+
+
+def _train_once(seed: int, loss: str = "l2+ssim") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    images = torch.rand(10, 1, 16, 16, generator=g)
+    model = _tiny(size=16)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, loss=loss, augment=True, rot90=True,
+                      seed=seed)
+    train_model(model, images, cfg)
+    return model.state_dict()
+
+
+def test_same_seed_gives_identical_weights():
+    a, b, c = _train_once(0), _train_once(0), _train_once(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    init = _tiny(size=16).state_dict()
+    assert not torch.equal(a["encoder.0.weight"], init["encoder.0.weight"])
+
+
+@pytest.mark.parametrize("loss", ["l2", "ssim", "l2+ssim"])
+def test_each_loss_decreases(loss):
+    train, _, _ = _texture_data(n_train=16, n_test=1, size=16)
+    cfg = TrainConfig(epochs=6, batch_size=4, lr=3e-3, loss=loss, weight_decay=0)
+    hist = train_model(_tiny(size=16), train, cfg)
+    assert hist[-1] < hist[0]
+
+
+def test_augment_batch_properties():
+    x = torch.rand(16, 2, 8, 8)
+    plain = augment_batch(x, torch.Generator().manual_seed(5), brightness=0.0)
+    # flips only permute pixels within each image
+    for a, b in zip(x, plain, strict=True):
+        assert torch.equal(torch.sort(a.flatten()).values, torch.sort(b.flatten()).values)
+        assert any(torch.equal(b, v) for v in (a, a.flip(-1), a.flip(-2), a.flip(-1).flip(-2)))
+    assert not torch.equal(plain, x)  # 16 images: some flip happens
+    jit = augment_batch(x, torch.Generator().manual_seed(5), brightness=0.1)
+    diff = (jit - plain).flatten(1)
+    assert diff.abs().max() <= 0.1 + 1e-6 and ((jit >= 0) & (jit <= 1)).all()
+    inner = (plain > 0.1) & (plain < 0.9)  # away from clamping: one constant shift per image
+    for d, m in zip(diff, inner.flatten(1), strict=True):
+        assert torch.allclose(d[m], d[m][0].expand(int(m.sum())), atol=1e-6)
+    rot = augment_batch(x, torch.Generator().manual_seed(7), brightness=0.0, rot90=True)
+    again = augment_batch(x, torch.Generator().manual_seed(7), brightness=0.0, rot90=True)
+    assert torch.equal(rot, again)
+    rots = [torch.rot90(v, k, dims=(-2, -1)) for v in (x[0], x[0].flip(-1)) for k in range(4)]
+    candidates = rots + [r.flip(-2) for r in rots]
+    assert any(torch.equal(rot[0], c) for c in candidates)
+
+
+def test_train_errors():
+    model = _tiny(size=16)
+    bad = torch.rand(4, 1, 16, 16)
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainError, match="finite"):
+        train_model(model, bad, TrainConfig(epochs=1))
+    with pytest.raises(TrainError, match="non-empty"):
+        train_model(model, torch.rand(0, 1, 16, 16), TrainConfig(epochs=1))
+    with pytest.raises(TrainError, match="TrainConfig.device"):
+        train_model(model, torch.rand(2, 1, 16, 16), TrainConfig(epochs=1, device="tpu7"))
+    with pytest.raises(ConfigError, match="TrainConfig.loss"):
+        TrainConfig(loss="l1")
+    with pytest.raises(ConfigError, match="TrainConfig.epochs"):
+        TrainConfig(epochs=0)
