@@ -1,0 +1,110 @@
+"""CLI core verbs (synth, train, evaluate) and the run directory, end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flipguard.cli import app
+from flipguard.detect import reconstruct
+from flipguard.errors import FlipguardError
+from flipguard.metrics import image_auroc
+from flipguard.run import load_run, state_fingerprint
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    data, run = root / "data", root / "run"
+    res = invoke("synth", data, "--n-train", 24, "--n-test", 16, "--size", 32, "--seed", 1)
+    assert res.exit_code == 0, res.output
+    res = invoke(
+        "train", "--data", data, "--out", run, "--size", 32, "--width", 0.25, "--latent", 8,
+        "--epochs", 3, "--batch-size", 8, "--lr", 1e-3, "--json",
+    )
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_train_writes_complete_run(tiny_run: Path) -> None:
+    for name in ("config.json", "model.pt", "metrics.json"):
+        assert (tiny_run / name).is_file()
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["model"]["params"]["input_size"] == 32
+    assert cfg["data"]["size"] == 32
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1", "accuracy", "threshold", "n_test"):
+        assert key in metrics
+    assert metrics["n_test"] == 16
+
+
+def test_threshold_comes_from_normal_validation_only(tiny_run: Path) -> None:
+    from flipguard.data import split_validation
+
+    run = load_run(tiny_run)
+    ds = run.load_data()
+    _, val_idx = split_validation(len(ds.train), run.config.data.val_fraction, seed=0)
+    val = ds.train[torch.as_tensor(val_idx)]
+    scores = run.scorer.scores(val, reconstruct(run.model, val)).numpy()
+    assert run.threshold == pytest.approx(float(np.quantile(scores, 0.99)), rel=1e-6)
+
+
+def test_evaluate_json_matches_independent_recomputation(tiny_run: Path) -> None:
+    res = invoke("evaluate", tiny_run, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    run = load_run(tiny_run)
+    ds = run.load_data()
+    scores = run.scorer.scores(ds.test, reconstruct(run.model, ds.test)).numpy()
+    assert out["image_auroc"] == pytest.approx(image_auroc(ds.test_labels, scores))
+    pred = scores > run.threshold
+    assert out["accuracy"] == pytest.approx(float((pred == (ds.test_labels > 0)).mean()))
+    assert out["n_test"] == len(ds.test)
+
+
+def test_run_reload_is_exact(tiny_run: Path) -> None:
+    a, b = load_run(tiny_run), load_run(tiny_run)
+    assert a.model_fingerprint() == b.model_fingerprint()
+    state = torch.load(tiny_run / "model.pt", weights_only=True)
+    assert state_fingerprint(state) == a.model_fingerprint()
+
+
+def test_load_run_errors_are_one_line(tmp_path: Path, tiny_run: Path) -> None:
+    with pytest.raises(FlipguardError, match="run directory not found"):
+        load_run(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(
+        (tiny_run / "config.json").read_text().replace('"value"', '"valu"')
+    )
+    with pytest.raises(FlipguardError) as exc:
+        load_run(broken)
+    assert "config.json" in str(exc.value) and "\n" not in str(exc.value)
+    (broken / "config.json").write_text((tiny_run / "config.json").read_text())
+    with pytest.raises(FlipguardError, match="model.pt"):
+        load_run(broken)
+    (broken / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FlipguardError, match="cannot load weights"):
+        load_run(broken)
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "missing")])
+    assert res.exit_code == 2
+    assert "run directory not found" in res.output
+    res = runner.invoke(app, ["train", "--data", str(tmp_path / "nodata"), "--out",
+                              str(tmp_path / "r"), "--epochs", "1"])
+    assert res.exit_code == 2
+    assert "nodata" in res.output
+    assert not (tmp_path / "r").exists()
