@@ -11,9 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests run in parallel workers on small machines: one torch thread per worker."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tests run in parallel workers: keep torch to one thread each."""
     torch.set_num_threads(1)
     yield
 

@@ -135,7 +135,9 @@ def build_model(section: ModelSection) -> torch.nn.Module:
         from flipguard.models import load_model
 
         return load_model(section.factory, None, **section.params)
-    raise RunError(f"model.kind: expected 'cae' or 'factory' with a factory spec, got {section.kind!r}")
+    raise RunError(
+        f"model.kind: expected 'cae' or 'factory' with a factory spec, got {section.kind!r}"
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:

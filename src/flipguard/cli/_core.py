@@ -49,7 +49,9 @@ class StageBars:
     def __call__(self, stage: str, done: int, total: int, info: dict[str, Any]) -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+        text = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()
+        )
         self.progress.update(self.tasks[stage], completed=done, total=total, info=text)
 
 
@@ -59,7 +61,9 @@ def metrics_table(metrics: dict[str, Any], title: str = "Detector metrics") -> T
     table.add_column("value", justify="right")
     for key in METRIC_KEYS:
         val = metrics.get(key)
-        text = "unavailable" if val is None else (f"{val:.4f}" if isinstance(val, float) else str(val))
+        text = (
+            "unavailable" if val is None else (f"{val:.4f}" if isinstance(val, float) else str(val))
+        )
         table.add_row(key, text)
     if metrics.get("oracle_f1") is not None:
         table.add_row("oracle_f1 (test-label threshold)", f"{metrics['oracle_f1']:.4f}")
@@ -77,7 +81,9 @@ def synth(
     """Generate a synthetic surface-defect dataset (scratches, cracks, blobs, exact masks)."""
     from flipguard.data import make_synthetic
 
-    path = make_synthetic(out, n_train=n_train, n_test=n_test, size=size, seed=seed, overwrite=overwrite)
+    path = make_synthetic(
+        out, n_train=n_train, n_test=n_test, size=size, seed=seed, overwrite=overwrite
+    )
     console.print(f"synthetic dataset written to [bold]{path}[/]")
 
 
@@ -96,7 +102,9 @@ def train(
     score_map: str = typer.Option("ssim", "--map", help="Anomaly map: l2 | ssim"),
     smooth: float = typer.Option(2.0, "--smooth", help="Gaussian sigma of the map (0 = off)."),
     reduce: str = typer.Option("max", "--reduce", help="Image score: max | mean"),
-    quantile: float = typer.Option(0.99, "--quantile", help="Threshold quantile of normal val scores."),
+    quantile: float = typer.Option(
+        0.99, "--quantile", help="Threshold quantile of normal val scores."
+    ),
     augment: bool = typer.Option(True, "--augment/--no-augment"),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
@@ -112,8 +120,14 @@ def train(
             size=size,
             channels=channels,
             model={"width": width, "latent_dim": latent},
-            train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "loss": loss,
-                   "augment": augment, "seed": seed},
+            train={
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "loss": loss,
+                "augment": augment,
+                "seed": seed,
+            },
             score={"map": score_map, "smooth_sigma": smooth, "reduce": reduce},
             threshold_quantile=quantile,
             split_seed=seed,

@@ -1,0 +1,164 @@
+"""Critical-fault rates (CFR) of a campaign with stratified estimates and intervals.
+
+Each executed fault is classified after the fact by a criterion (``accuracy-drop:0.01``,
+``any-flip``, ``auroc-drop:0.02``; see ``flipguard.inject.parse_criterion``) into masked,
+sdc-benign, sdc-critical or non-finite. A fault is *critical* when it is sdc-critical or
+non-finite. For a group (any combination of layer, target, bit, field, kernel, kind) the rate
+is the stratified estimator over its cells ``stratum x group`` with known populations
+``N_c``: ``p = sum W_c p_c``, ``var = sum W_c^2 (N_c-n_c)/(N_c-1) p_c (1-p_c) / n_c``;
+``margin = t sqrt(var)`` and the Wilson / Clopper–Pearson interval uses the effective size.
+
+Example::
+
+    rows = cfr_table("runs/demo", by=("layer",), criterion="accuracy-drop:0.01")
+    rows[0]["cfr"], rows[0]["ci"], rows[0]["margin"]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flipguard.campaign.planner import PlannedFault, PlannedStratum
+from flipguard.campaign.stats import METHODS, check_confidence, stratified
+from flipguard.campaign.store import CampaignStore, StoreError, store_path
+from flipguard.errors import ConfigError
+from flipguard.faults import get_format
+
+__all__ = ["BY_KEYS", "CLASSES", "cfr_rows", "cfr_table", "classify_store", "parse_by"]
+
+BY_KEYS = ("layer", "target", "bit", "field", "kernel", "kind")
+CLASSES = ("masked", "sdc-benign", "sdc-critical", "non-finite")
+CRITICAL = ("sdc-critical", "non-finite")
+
+
+def parse_by(by: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"layer,bit"`` -> ("layer", "bit"); ``"network"``, "" or None -> () (one row).
+
+    >>> parse_by("bit, layer")
+    ('layer', 'bit')
+    """
+    if by is None:
+        return ()
+    parts = [p.strip() for p in (by.split(",") if isinstance(by, str) else by) if p.strip()]
+    parts = [p for p in parts if p != "network"]
+    bad = [p for p in parts if p not in BY_KEYS]
+    if bad:
+        raise ConfigError(f"by: expected a comma list of {', '.join(BY_KEYS)} (or network), "
+                          f"got {bad[0]!r}")
+    return tuple(k for k in BY_KEYS if k in parts)
+
+
+def _group_of(pf: PlannedFault, field: str, by: Sequence[str]) -> tuple:
+    f = pf.fault
+    values = {"layer": f.layer, "target": f.target, "bit": f.bits[0], "field": field,
+              "kernel": pf.kernel, "kind": f.kind}
+    return tuple(values[k] for k in by)
+
+
+def _cell_population(s: PlannedStratum, g: dict[str, Any], fmt: Any) -> int:
+    if "layer" in g and g["layer"] != s.layer or "target" in g and g["target"] != s.target:
+        return 0
+    bits: set[int] | None = None
+    if "bit" in g:
+        bits = {int(g["bit"])}
+    if "field" in g:
+        fb = set(fmt.bits_of_field(g["field"]))
+        bits = fb if bits is None else bits & fb
+    return s.population_of(None if bits is None else sorted(bits), g.get("kernel"),
+                           g.get("kind"))
+
+
+def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFault, str]],
+             by: Sequence[str] = ("layer",), confidence: float = 0.99,
+             method: str = "wilson", fmt: str = "fp32") -> list[dict[str, Any]]:
+    """Rows of CFR per group from ``records`` = (planned fault, class) and the plan strata.
+
+    Each row: the group keys, ``n``, ``critical``, ``cfr``, ``ci`` [low, high], ``N``,
+    ``margin``, ``n_eff`` (None when enumerated exhaustively) and the rates ``masked``,
+    ``sdc_benign``, ``sdc_critical``, ``non_finite``.
+    """
+    by = parse_by(by)
+    check_confidence(confidence)
+    if method not in METHODS:
+        raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    form = get_format(fmt)
+    counts: dict[tuple, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    for pf, cls in records:
+        if cls not in CLASSES:
+            raise ConfigError(f"class: expected one of {', '.join(CLASSES)}, got {cls!r}")
+        g = _group_of(pf, form.field(pf.fault.bits[0]), by)
+        counts[g][pf.stratum][cls] += 1
+    layer_pos = {s.layer: i for i, s in reversed(list(enumerate(strata)))}
+    order = {"layer": lambda v: layer_pos.get(v, 1 << 30), "bit": lambda v: -v,
+             "field": lambda v: form.fields.index(v), "target": str, "kernel": int, "kind": str}
+    rows = []
+    for g in sorted(counts, key=lambda g: tuple(order[k](v) for k, v in zip(by, g,
+                                                                            strict=True))):
+        gd = dict(zip(by, g, strict=True))
+        per = counts[g]
+        cells = [(s, _cell_population(s, gd, form)) for s in strata]
+        cells = [(s, N) for s, N in cells if N > 0]
+
+        def est(classes: Sequence[str], cells=cells, per=per):
+            return stratified([(N, sum(per[s.key].values()),
+                                sum(per[s.key][c] for c in classes)) for s, N in cells],
+                              confidence, method)
+
+        e = est(CRITICAL)
+        row: dict[str, Any] = dict(gd)
+        row.update(n=e.n, critical=e.k, cfr=e.p, ci=[e.ci[0], e.ci[1]], N=e.N,
+                   margin=e.margin, n_eff=e.n_eff if math.isfinite(e.n_eff) else None)
+        for cls in CLASSES:
+            row[cls.replace("-", "_")] = est((cls,)).p
+        rows.append(row)
+    return rows
+
+
+def classify_store(store: CampaignStore, criterion: str
+                   ) -> list[tuple[PlannedFault, str]]:
+    """Executed faults of ``store`` with their class under ``criterion``."""
+    from flipguard.inject import Outcome, parse_criterion
+
+    crit = parse_criterion(criterion)
+    golden = _golden(store)
+    return [(pf, crit.classify(Outcome.from_dict(d), golden)) for pf, d in store.results()]
+
+
+def _golden(store: CampaignStore) -> Any:
+    from flipguard.inject import Golden
+
+    data = store.get_meta("golden")
+    if data is None:
+        raise StoreError(f"{store.path}: no golden reference recorded (run the campaign first)")
+    return Golden.from_dict(data)
+
+
+def _open(run_or_store: Any) -> tuple[CampaignStore, bool]:
+    if isinstance(run_or_store, CampaignStore):
+        return run_or_store, False
+    path = getattr(run_or_store, "path", run_or_store)
+    return CampaignStore(store_path(Path(path))), True
+
+
+def cfr_table(run_or_store: Any, by: str | Sequence[str] = ("layer",),
+              criterion: str = "accuracy-drop:0.01", method: str = "wilson",
+              confidence: float | None = None,
+              classify: Callable[[CampaignStore, str], list] | None = None
+              ) -> list[dict[str, Any]]:
+    """CFR rows of a campaign (run directory, ``Run``, store path or ``CampaignStore``).
+
+    ``confidence`` defaults to the planned confidence; see :func:`cfr_rows` for the rows.
+    """
+    store, opened = _open(run_or_store)
+    try:
+        plan = store.definition.get("plan", {})
+        conf = float(confidence if confidence is not None else plan.get("confidence", 0.99))
+        records = (classify or classify_store)(store, criterion)
+        return cfr_rows(store.strata(), records, by, conf, method, plan.get("fmt", "fp32"))
+    finally:
+        if opened:
+            store.close()

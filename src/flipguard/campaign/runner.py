@@ -1,0 +1,317 @@
+"""Run a planned campaign: open/resume the store, probe the rate, execute pending faults.
+
+The parent process is the only writer. Pending faults are grouped by layer (so the engine can
+batch them) into chunks of at most ``chunk`` faults; each chunk is committed in one
+transaction. Backends: in-process, ``workers`` local processes (spawn, one torch thread each,
+each builds its engine once) or a Ray cluster (:mod:`flipguard.campaign.ray_backend`). The
+same plan gives the same rows whichever backend runs it.
+
+Example::
+
+    factory = RunEngineFactory("runs/demo", images=16)
+    store = open_campaign("runs/demo", PlanConfig(error=0.05, confidence=0.95), factory)
+    summary = run_campaign(store, factory, workers=2)   # resumes if interrupted
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flipguard import __version__
+from flipguard.campaign.planner import (
+    P_FLOOR,
+    Plan,
+    PlanConfig,
+    PlannedFault,
+    draw_faults,
+    make_plan,
+)
+from flipguard.campaign.stats import leveugle_n
+from flipguard.campaign.store import CampaignStore, StoreError, store_path
+from flipguard.errors import ConfigError
+
+__all__ = ["Chunk", "RunEngineFactory", "chunks_of", "ensure_golden", "execute_chunk",
+           "open_campaign", "probe_rate", "refine", "run_campaign", "tensor_fingerprint",
+           "top_up"]
+
+Chunk = tuple[list[int], list[dict[str, Any]]]
+"""Executed chunk: fault ids and their ``Outcome.to_dict()`` rows."""
+Progress = Callable[[int, int], None]
+"""progress(done, total)."""
+
+
+def tensor_fingerprint(*arrays: Any) -> str:
+    """sha256 over tensors/arrays (dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        t = a.detach().cpu().contiguous() if isinstance(a, torch.Tensor) else torch.as_tensor(
+            np.ascontiguousarray(a))
+        h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+_PARTS: dict[Any, tuple[Any, torch.Tensor, np.ndarray]] = {}
+
+
+@dataclass(frozen=True)
+class RunEngineFactory:
+    """Picklable recipe of the engine of a run directory: the detector evaluated on the
+    run's test images (``images``: that many, evenly spaced; None = all).
+
+    ``factory()`` builds the engine; ``factory.model()`` only loads the network.
+    """
+
+    run: str
+    images: int | None = None
+    fmt: str = "fp32"
+    data_dir: str | None = None
+
+    def model(self) -> torch.nn.Module:
+        from flipguard.run import load_run
+
+        return load_run(self.run).model  # a fresh copy: callers may modify it
+
+    def _parts(self) -> tuple[Any, torch.Tensor, np.ndarray]:
+        """(run, inputs, labels), cached per process while the run's files are unchanged."""
+        files = [Path(self.run) / n for n in ("config.json", "model.pt")]
+        key = (self, tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
+        if key not in _PARTS:
+            _PARTS.clear()
+            _PARTS[key] = self._load()
+        return _PARTS[key]
+
+    def _load(self) -> tuple[Any, torch.Tensor, np.ndarray]:
+        from flipguard.run import load_run
+
+        run = load_run(self.run)
+        ds = run.load_data(self.data_dir)
+        idx = np.arange(len(ds.test))
+        if self.images is not None:
+            if self.images < 1:
+                raise ConfigError(f"images: expected a positive count, got {self.images}")
+            idx = np.unique(np.linspace(0, len(ds.test) - 1, min(self.images, len(idx)))
+                            .round().astype(np.int64))
+        return run, ds.test[torch.as_tensor(idx)], np.asarray(ds.test_labels)[idx]
+
+    def fingerprints(self) -> dict[str, str]:
+        """``model``, ``data`` (evaluated images + labels) and ``task`` (threshold, scorer,
+        format) fingerprints."""
+        run, inputs, labels = self._parts()
+        task = json.dumps({"threshold": run.threshold, "score": run.config.score,
+                           "fmt": self.fmt}, sort_keys=True)
+        return {"model": run.model_fingerprint(), "data": tensor_fingerprint(inputs, labels),
+                "task": hashlib.sha256(task.encode()).hexdigest()}
+
+    def __call__(self) -> Any:
+        from flipguard.inject import DetectionTask, Engine
+
+        run, inputs, labels = self._parts()
+        task = DetectionTask(run.scorer.scores, run.threshold, labels)
+        return Engine(run.model, inputs, task, fmt=self.fmt)
+
+
+def open_campaign(run: str | Path, config: PlanConfig, factory: Any, *, fresh: bool = False,
+                  model: torch.nn.Module | None = None,
+                  path: str | Path | None = None) -> CampaignStore:
+    """Open ``RUN/campaign.sqlite`` (or ``path``) for ``config`` (resume), or create it with
+    the planned fault list. A store of another model/dataset/task/plan is refused unless
+    ``fresh``."""
+    path = Path(path) if path is not None else store_path(run)
+    fps = factory.fingerprints()
+    digest = config.digest()
+    if path.exists() and not fresh:
+        store = CampaignStore(path)
+        try:
+            store.check(model=fps["model"], data=fps["data"], task=fps["task"], plan=digest)
+        except StoreError:
+            store.close()
+            raise
+        return store
+    plan = make_plan(model if model is not None else factory.model(), config)
+    definition = {"plan": config.to_dict(), "plan_digest": digest,
+                  "model_fingerprint": fps["model"], "data_fingerprint": fps["data"],
+                  "task_fingerprint": fps["task"], "flipguard_version": __version__,
+                  "population": plan.population, "engine": _describe(factory)}
+    return CampaignStore.create(path, definition, plan.strata, plan.faults(), replace=fresh)
+
+
+def _describe(factory: Any) -> dict[str, Any]:
+    try:
+        from dataclasses import asdict
+
+        return {"factory": type(factory).__name__, **asdict(factory)}
+    except TypeError:
+        return {"factory": type(factory).__name__}
+
+
+def chunks_of(faults: Sequence[PlannedFault], chunk: int = 32) -> list[list[PlannedFault]]:
+    """Group faults by layer (first-appearance order) then split into runs of ``chunk``; the
+    boundaries depend on fault ids only (``fault_id // chunk``), so a resumed campaign
+    batches the remaining faults exactly as an uninterrupted one would."""
+    if chunk < 1:
+        raise ConfigError(f"chunk: expected >= 1, got {chunk}")
+    groups: dict[tuple[str, str, int], list[PlannedFault]] = {}
+    for pf in sorted(faults, key=lambda f: f.fault_id):
+        groups.setdefault((pf.fault.layer, pf.fault.target, pf.fault_id // chunk), []).append(pf)
+    layer_order = {k[:2]: i for i, k in reversed(list(enumerate(groups)))}
+    return [groups[k] for k in sorted(groups, key=lambda k: (layer_order[k[:2]], k[2]))]
+
+
+def execute_chunk(engine: Any, chunk: Sequence[PlannedFault]) -> Chunk:
+    """Run one chunk with ``engine``: fault ids and outcome dicts."""
+    outcomes = engine.run([pf.fault for pf in chunk])
+    return [pf.fault_id for pf in chunk], [o.to_dict() for o in outcomes]
+
+
+def _local(engine: Any, chunks: Iterable[list[PlannedFault]]) -> Iterator[Chunk]:
+    for c in chunks:
+        yield execute_chunk(engine, c)
+
+
+_WORKER_ENGINE: Any = None
+
+
+def _worker_init(factory: Any) -> None:
+    global _WORKER_ENGINE
+    torch.set_num_threads(1)
+    _WORKER_ENGINE = factory()
+
+
+def _worker_run(chunk: list[PlannedFault]) -> Chunk:
+    return execute_chunk(_WORKER_ENGINE, chunk)
+
+
+def _processes(factory: Any, pages: Iterable[list[list[PlannedFault]]], workers: int
+               ) -> Iterator[Chunk]:
+    """Pages are read by this (the writer's) thread; their chunks go to the pool."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(factory,)) as pool:
+        for chunks in pages:
+            yield from pool.imap_unordered(_worker_run, chunks)
+
+
+def ensure_golden(store: CampaignStore, engine: Any) -> None:
+    """Record the engine's golden facts once; later runs must reproduce them."""
+    golden = engine.golden.to_dict()
+    have = store.get_meta("golden")
+    if have is None:
+        store.set_meta("golden", golden)
+    elif json.loads(json.dumps(golden, sort_keys=True)) != have:
+        raise StoreError(f"{store.path}: the golden run differs from the recorded one "
+                         f"(model, data or environment changed); use --fresh")
+
+
+def probe_rate(store: CampaignStore, engine: Any, k: int = 4) -> float | None:
+    """Time ``k`` pending faults spread evenly over the pending list (so early and late
+    layers both count) with ``engine``; the results are kept. Returns s/fault."""
+    ids = store.pending_ids()
+    if not ids or k < 1:
+        return None
+    pending = store.faults_by_id(
+        ids[round(j)] for j in np.linspace(0, len(ids) - 1, min(k, len(ids))))
+    t0 = time.perf_counter()
+    fids, outs = execute_chunk(engine, pending)
+    dt = time.perf_counter() - t0
+    store.add_results(zip(fids, outs, strict=True), seconds=dt / len(fids))
+    return dt / len(fids)
+
+
+def run_campaign(store: CampaignStore, factory: Any, *, engine: Any = None, workers: int = 1,
+                 ray: str | None = None, limit: int | None = None, chunk: int = 32,
+                 progress: Progress | None = None,
+                 faults: Sequence[PlannedFault] | None = None) -> dict[str, Any]:
+    """Execute the pending faults of ``store`` (at most ``limit``; only those of ``faults``
+    when given); returns a summary ``{"ran", "planned", "done", "seconds", "rate"}``."""
+    if workers < 1:
+        raise ConfigError(f"workers: expected >= 1, got {workers}")
+    if faults is not None:
+        todo_ids = set(store.pending_ids()) & {pf.fault_id for pf in faults}
+        pending = store.faults_by_id(sorted(todo_ids)[:limit])
+        pages: Iterable[list[list[PlannedFault]]] = [chunks_of(pending, chunk)]
+    else:  # lazily, one window of fault ids at a time (aligned on chunk boundaries)
+        pages = (chunks_of(page, chunk) for page in store.pending_pages(chunk * 2048, limit))
+    counts = store.counts()
+    t0 = time.perf_counter()
+    local = ray is None and workers == 1
+    if engine is None and (local or store.get_meta("golden") is None):
+        engine = factory()
+    if engine is not None:
+        ensure_golden(store, engine)
+    if ray is not None:
+        from flipguard.campaign.ray_backend import ray_chunks
+
+        stream = ray_chunks(factory, (c for page in pages for c in page), address=ray,
+                            workers=workers)
+    elif workers > 1:
+        stream = _processes(factory, pages, workers)
+    else:
+        stream = _local(engine, (c for page in pages for c in page))
+    ran, done = 0, counts["done"]
+    if progress:
+        progress(done, counts["planned"])
+    for fids, outs in stream:
+        ran += store.add_results(zip(fids, outs, strict=True))
+        done = counts["done"] + ran
+        if progress:
+            progress(done, counts["planned"])
+    dt = time.perf_counter() - t0
+    return {"ran": ran, "planned": counts["planned"], "done": done, "seconds": dt,
+            "rate": ran / dt if dt > 0 else float("nan")}
+
+
+def refine(store: CampaignStore, model: torch.nn.Module, criterion: str,
+           max_rounds: int = 3) -> int:
+    """One refinement round (at most ``max_rounds``): re-estimate each stratum's ``p`` from
+    the executed faults under ``criterion`` and append the missing faults to reach the planned
+    margin. Returns the number of faults added (0 when every stratum already meets it)."""
+    from flipguard.campaign.analysis import CRITICAL, classify_store
+
+    config = PlanConfig.from_dict(store.definition["plan"])
+    plan: Plan = make_plan(model, config)
+    rounds = int(store.get_meta("rounds", 0))
+    if rounds >= max_rounds:
+        return 0
+    observed: dict[str, list[int]] = {}
+    for pf, cls in classify_store(store, criterion):
+        n_k = observed.setdefault(pf.stratum, [0, 0])
+        n_k[0] += 1
+        n_k[1] += cls in CRITICAL
+    new, _ = top_up(plan, {k: (v[0], v[1]) for k, v in observed.items()}, store.done_ks(),
+                    rounds + 1, store.next_fault_id())
+    if new:  # the new faults and the round counter commit together
+        store.add_planned(new, meta={"rounds": rounds + 1})
+    return len(new)
+
+
+def top_up(plan: Plan, observed: dict[str, tuple[int, int]], done_k: dict[str, list[int]],
+           round_: int, start_id: int) -> tuple[list[PlannedFault], dict[str, int]]:
+    """One refinement round: re-estimate each stratum's ``p`` from ``observed[key] = (n, k)``
+    (clamped to [P_FLOOR, 1 - P_FLOOR]), recompute its Leveugle size and draw the missing
+    faults (new ones only, never those in ``done_k``). Returns the new faults and new sizes."""
+    cfg = plan.config
+    new: list[PlannedFault] = []
+    sizes: dict[str, int] = {}
+    for s in plan.strata:
+        n_obs, k_obs = observed.get(s.key, (0, 0))
+        have = len(done_k.get(s.key, ()))
+        p_hat = min(max(k_obs / n_obs if n_obs else 0.5, P_FLOOR), 1 - P_FLOOR)
+        target = leveugle_n(s.N, cfg.error, cfg.confidence, p_hat, cfg.rounding)
+        sizes[s.key] = max(target, have)
+        if target > have:
+            drawn = draw_faults(plan.space, s, target - have, cfg.seed, cfg.kinds, round_,
+                                done_k.get(s.key, ()))
+            new += [PlannedFault(start_id + len(new) + i, s.key, k, f, kern, round_)
+                    for i, (k, f, kern) in enumerate(drawn)]
+    return new, sizes

@@ -1,0 +1,218 @@
+"""Sample sizes and confidence intervals for statistical fault injection.
+
+* :func:`leveugle_n` — Leveugle et al. (DATE 2009):
+  ``n = N / (1 + e^2 (N - 1) / (t^2 p (1 - p)))`` with ``t`` the two-sided normal quantile.
+* :func:`interval` — Wilson or Clopper–Pearson interval of a proportion, with an optional
+  finite-population correction through the effective sample size ``n (N - 1) / (N - n)``.
+* :func:`stratified` — stratified estimator ``sum W_h p_h`` and its variance
+  ``sum W_h^2 (N_h - n_h) / (N_h - 1) p_h (1 - p_h) / n_h``.
+
+>>> leveugle_n(10**9, 0.01, 0.95)
+9604
+>>> [round(x, 4) for x in interval(5, 100, 0.95, "wilson")]
+[0.0215, 0.1118]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scipy.special import betaincinv, ndtri
+
+from flipguard.errors import ConfigError
+
+__all__ = [
+    "METHODS",
+    "allocate",
+    "ROUNDINGS",
+    "Estimate",
+    "check_confidence",
+    "check_error",
+    "check_p",
+    "clopper_pearson",
+    "interval",
+    "leveugle_n",
+    "post_hoc_margin",
+    "stratified",
+    "t_value",
+    "wilson",
+]
+
+METHODS = ("wilson", "clopper-pearson")
+ROUNDINGS = ("ceil", "nearest")
+
+
+def check_error(e: float) -> float:
+    """Validate an error margin ``e`` in (0, 1)."""
+    if not isinstance(e, (int, float)) or not 0.0 < float(e) < 1.0:
+        raise ConfigError(f"error: expected a margin in (0, 1) such as 0.01, got {e!r}")
+    return float(e)
+
+
+def check_confidence(c: float) -> float:
+    """Validate a confidence level in (0, 1)."""
+    if not isinstance(c, (int, float)) or not 0.0 < float(c) < 1.0:
+        raise ConfigError(f"confidence: expected a level in (0, 1) such as 0.99, got {c!r}")
+    return float(c)
+
+
+def check_p(p: float) -> float:
+    """Validate a prior proportion ``p`` in (0, 1)."""
+    if not isinstance(p, (int, float)) or not 0.0 < float(p) < 1.0:
+        raise ConfigError(f"p: expected a prior proportion in (0, 1) such as 0.5, got {p!r}")
+    return float(p)
+
+
+def t_value(confidence: float) -> float:
+    """Two-sided standard-normal quantile: 0.95 -> 1.95996, 0.99 -> 2.57583."""
+    c = check_confidence(confidence)
+    return float(ndtri(1.0 - (1.0 - c) / 2.0))
+
+
+def leveugle_n(N: int, e: float, confidence: float, p: float = 0.5,
+               rounding: str = "ceil") -> int:
+    """Faults to inject out of a population of ``N`` for margin ``e`` at ``confidence``.
+
+    ``rounding="ceil"`` (conservative, default) or ``"nearest"``; the result is in [0, N].
+
+    >>> leveugle_n(1000, 0.05, 0.95), leveugle_n(10, 0.01, 0.99)
+    (278, 10)
+    """
+    N = int(N)
+    if N < 0:
+        raise ConfigError(f"population: expected N >= 0, got {N}")
+    if N == 0:
+        return 0
+    e, p, t = check_error(e), check_p(p), t_value(confidence)
+    raw = N / (1.0 + e * e * (N - 1) / (t * t * p * (1.0 - p)))
+    if rounding == "ceil":
+        n = math.ceil(raw - 1e-9)  # guard against 9604.000000001-style float noise
+    elif rounding == "nearest":
+        n = math.floor(raw + 0.5)
+    else:
+        raise ConfigError(f"rounding: expected one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    return max(1, min(N, n))
+
+
+def allocate(n: int, weights: Sequence[int]) -> list[int]:
+    """Split ``n`` proportionally to ``weights`` by largest remainder (ties: first wins).
+
+    >>> allocate(10, [1, 1, 1])
+    [4, 3, 3]
+    """
+    total = sum(weights)
+    if total <= 0:
+        return [0] * len(weights)
+    quotas = [n * w / total for w in weights]
+    out = [math.floor(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - out[i]), i))
+    for i in order[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def post_hoc_margin(n: int, N: int | None, p_hat: float, confidence: float) -> float:
+    """Achieved margin ``t sqrt(p(1-p)/n * (N-n)/(N-1))`` (no correction when ``N`` is None)."""
+    if n <= 0:
+        return float("nan")
+    t = t_value(confidence)
+    return t * math.sqrt(max(p_hat * (1.0 - p_hat), 0.0) / n * _fpc(n, N))
+
+
+def _fpc(n: float, N: int | None) -> float:
+    if N is None or N <= 1:
+        return 1.0
+    return max(0.0, (N - n) / (N - 1))
+
+
+def wilson(k: float, n: float, confidence: float) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes out of ``n`` (``n`` may be fractional)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    z = t_value(confidence)
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    lo = 0.0 if k <= 0 else max(0.0, centre - half)
+    return (lo, 1.0 if k >= n else min(1.0, centre + half))
+
+
+def clopper_pearson(k: float, n: float, confidence: float) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) interval from beta quantiles."""
+    if n <= 0:
+        return (0.0, 1.0)
+    alpha = 1.0 - check_confidence(confidence)
+    lo = 0.0 if k <= 0 else float(betaincinv(k, n - k + 1, alpha / 2))
+    hi = 1.0 if k >= n else float(betaincinv(k + 1, n - k, 1 - alpha / 2))
+    return (lo, hi)
+
+
+def interval(k: float, n: float, confidence: float, method: str = "wilson",
+             N: int | None = None) -> tuple[float, float]:
+    """Interval of ``k/n`` by ``method``; with ``N`` the finite-population correction is
+    applied through the effective size ``n (N-1)/(N-n)`` (exact point when ``n >= N``)."""
+    if method not in METHODS:
+        raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    if N is not None and n >= N:
+        return (p, p)
+    if N is not None and N > 1:
+        n_eff = n * (N - 1) / (N - n)
+        k, n = p * n_eff, n_eff
+    return wilson(k, n, confidence) if method == "wilson" else clopper_pearson(k, n, confidence)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A (stratified) proportion: point, variance, margin, interval and sizes."""
+
+    p: float
+    var: float
+    margin: float
+    ci: tuple[float, float]
+    n: int
+    k: int
+    N: int
+    n_eff: float
+
+
+def stratified(cells: Sequence[tuple[int, int, int]], confidence: float,
+               method: str = "wilson") -> Estimate:
+    """Combine strata ``(N_h, n_h, k_h)`` with weights ``W_h = N_h / sum N``.
+
+    Cells with ``n_h = 0`` carry no information and are left out (the weights of the others
+    are renormalised); ``N`` in the result still counts the whole population.
+    The interval is Wilson / Clopper–Pearson at the effective size ``n_eff = p (1 - p) / var``
+    (Korn & Graubard 1998), or ``1 / sum W_h^2 fpc_h / n_h`` when ``var`` is 0.
+
+    >>> e = stratified([(100, 10, 5), (300, 10, 1)], 0.95)
+    >>> round(e.p, 4)
+    0.2
+    """
+    N_all = sum(int(c[0]) for c in cells)
+    used = [(int(N), int(n), int(k)) for N, n, k in cells if n > 0 and N > 0]
+    n_all = sum(c[1] for c in used)
+    k_all = sum(c[2] for c in used)
+    N_used = sum(c[0] for c in used)
+    if not used:
+        return Estimate(float("nan"), float("nan"), float("nan"), (0.0, 1.0), 0, 0, N_all, 0.0)
+    p = var = inv_neff = 0.0
+    for N, n, k in used:
+        w = N / N_used
+        ph = k / n
+        f = _fpc(n, N)
+        p += w * ph
+        var += w * w * f * ph * (1 - ph) / n
+        inv_neff += w * w * f / n
+    t = t_value(confidence)
+    if inv_neff <= 0.0:  # every cell enumerated exhaustively
+        ci, n_eff = (p, p), math.inf
+    else:  # Korn & Graubard (1998): n_eff = p q / var; the design size when var = 0
+        n_eff = p * (1 - p) / var if var > 0 else 1.0 / inv_neff
+        ci = interval(p * n_eff, n_eff, confidence, method)
+    return Estimate(p, var, t * math.sqrt(var), ci, n_all, k_all, N_all, n_eff)

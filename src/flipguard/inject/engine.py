@@ -1,0 +1,393 @@
+"""Fast, exact evaluation of many faults over a dataset.
+
+One golden run caches, for every parametrised layer of an ``torch.fx``-traceable model, the
+values live at the cut before it (memory while they fit ``cache_budget_bytes``, else a
+memmap). A fault then runs from its layer only: the faulty layer output is computed from the
+cached cut (for Conv/ConvTranspose/Linear weight and bias faults only the affected block of
+output channels, when a probe shows that block is bit-identical to the full layer), rows
+(images) whose values are bit-identical to golden are dropped at every cached cut, and the
+rows of up to ``fault_batch`` faults are stacked into fixed-shape chunks for the rest of the
+network. Every forward runs on exactly ``batch_size`` rows, so outputs are bit-identical to
+``model(x_chunk)`` evaluated naively with the fault injected in place. Models that cannot be
+traced (or whose trace disagrees with ``forward``) fall back to full forwards with in-place
+injection.
+
+>>> eng = Engine(model, images, DetectionTask(scorer.scores, thr, labels))  # doctest: +SKIP
+>>> outcomes = eng.run(faults)                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flipguard.errors import ConfigError
+from flipguard.faults import Fault, NumberFormat, fault_to_dict, get_format
+from flipguard.inject.cache import GoldenCache
+from flipguard.inject.graph import Pipeline, Program, Rows, pad_rows, same_rows, trace
+from flipguard.inject.injector import (
+    activation_fault,
+    block_forward,
+    faulty_value,
+    inject,
+    module_of,
+    probe_block,
+    working_copy,
+)
+from flipguard.inject.outcomes import Criterion, Golden, Outcome, parse_criterion
+from flipguard.inject.tasks import Task, fill_masked
+
+__all__ = ["Engine", "evaluate_faults"]
+
+Progress = Callable[[int, int], None]
+_OUT = "__golden_out__"
+
+
+@dataclass
+class _Item:
+    index: int  # position in the caller's fault list
+    fault: Fault
+    pos: int  # graph position of the layer; -1: full forward
+    slot: int = 0  # row in the pass arrays
+
+
+class Engine:
+    """Evaluate faults of ``model`` over ``inputs`` (N, ...) for ``task``.
+
+    ``fmt``: number format of the stored words; for fmt != "fp32" a working copy whose
+    Conv/ConvTranspose/Linear weights and biases (or those of ``layers``) are quantised is
+    the golden model (the user's model is never changed; for fp32 its weights are patched
+    in place and restored bit-exactly). ``layers`` also limits which layers get cached cuts
+    (faults elsewhere run as full forwards). ``early_stop``: a criterion (text or object);
+    images then run in chunks of ``batch_size`` and a fault stops as soon as it is certainly
+    critical. ``strategy``: "auto" or "full" (always full forwards, the naive reference).
+    ``golden`` holds the golden facts; ``strategy_used`` / ``fallback_reason`` say how
+    faults are evaluated.
+
+    Example:
+        >>> eng = Engine(model, x, ClassificationTask(y), batch_size=32)  # doctest: +SKIP
+        >>> [o.masked for o in eng.run(faults)]                          # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, inputs: Tensor, task: Task, *, fmt: str = "fp32",
+                 device: str | torch.device = "cpu", batch_size: int = 64,
+                 cache_budget_bytes: int = 2**31, cache_dir: str | Path | None = None,
+                 fault_batch: int = 8, early_stop: str | Criterion | None = None,
+                 layers: Sequence[str] | None = None, strategy: str = "auto") -> None:
+        if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
+            raise ConfigError("inputs: expected a tensor (N, ...) with at least one sample")
+        if not isinstance(task, Task):
+            raise ConfigError("task: expected a DetectionTask or ClassificationTask")
+        for name, v in (("batch_size", batch_size), ("fault_batch", fault_batch)):
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1, got {v!r}")
+        if strategy not in ("auto", "full"):
+            raise ConfigError(f"strategy: expected 'auto' or 'full', got {strategy!r}")
+        task.check(int(inputs.shape[0]))
+        self.task, self.inputs, self.n = task, inputs, int(inputs.shape[0])
+        self.device, self.fault_batch = torch.device(device), fault_batch
+        self.bs = min(batch_size, self.n)  # every forward runs on exactly this many rows
+        self.fmt: NumberFormat = get_format(fmt)
+        self.early_stop = parse_criterion(early_stop) if early_stop is not None else None
+        was_training = model.training
+        self.model, self.formats = working_copy(model, self.fmt, self.device, layers)
+        self._layers = set(layers) if layers is not None else None
+        self.program: Program | None = None
+        self.fallback_reason: str | None = "strategy 'full' requested"
+        if strategy == "auto":
+            try:
+                self.program, self.fallback_reason = trace(self.model), None
+                self.program.output  # noqa: B018 - raises unless a single tensor output
+            except Exception as exc:  # noqa: BLE001 - any tracing failure means fallback
+                msg = str(exc).splitlines()[0][:120] if str(exc) else ""
+                self.program = None
+                self.fallback_reason = f"not traceable by torch.fx ({type(exc).__name__}: {msg})"
+        self.cache = GoldenCache(self.n, cache_budget_bytes, self.device, cache_dir)
+        self._cache_dir = cache_dir
+        self._block: dict[str, int] = {}
+        self._stop_stats: dict[int, list[int]] = {}
+        with torch.no_grad():
+            self._golden_run()
+        self.model.train(was_training)
+
+    # ------------------------------------------------------------------ set-up
+    def _x(self, a: int, b: int) -> Tensor:
+        return pad_rows(self.inputs[a:b].to(self.device, copy=True), self.bs)
+
+    def _fresh(self, env: dict[Any, Tensor]) -> dict[Any, Tensor]:
+        """``env`` with private copies of values the graph changes in place."""
+        mut = self.program.mutated if self.program is not None else set()
+        return {k: v.clone() if k in mut else v for k, v in env.items()}
+
+    def _golden_run(self) -> None:
+        prog, n, bs = self.program, self.n, self.bs
+        record: set[Any] = set()
+        self.cuts: dict[str, list[Any]] = {}
+        if prog is not None:
+            for name, p in prog.calls.items():
+                m = prog.gm.get_submodule(name)
+                wanted = self._layers is None or name in self._layers
+                if wanted and next(iter(m.parameters(recurse=False)), None) is not None:
+                    self.cuts[name] = prog.live(p)
+                    record.update(self.cuts[name])
+        invalid: set[Any] = set()
+        facts, bad_rows = [], []
+        for a in range(0, n, bs):
+            b = min(a + bs, n)
+            x = self._x(a, b)
+            y = self.model(x)
+            if not isinstance(y, Tensor) or y.shape[0] != bs:
+                raise ConfigError("model: expected a single batched tensor output")
+            if prog is not None:
+
+                def sink(node: Any, v: Any, a: int = a, b: int = b) -> None:
+                    if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == bs:
+                        if node not in invalid:
+                            self.cache.write(node, a, v[: b - a])
+                    else:
+                        invalid.add(node)
+
+                env = prog.run({prog.input: x}, 0, prog.end, record, sink)
+                if not same_rows(env[prog.output], y).all():  # trace-time specialisation
+                    self.program = None
+                    self.fallback_reason = "the traced graph's output differs from forward()"
+                    self.cache.drop()
+                    self.cache = GoldenCache(n, self.cache.budget, self.device, self._cache_dir)
+                    return self._golden_run()
+            self.cache.write(_OUT, a, y[: b - a], pinned=True)
+            facts.append(self.task.image_facts(x, y)[: b - a].cpu().numpy())
+            bad_rows.append((~torch.isfinite(y[: b - a].reshape(b - a, -1)).all(1)).cpu()
+                            if y.is_floating_point() else torch.zeros(b - a, dtype=torch.bool))
+        self.cuts = {k: v for k, v in self.cuts.items() if not invalid.intersection(v)}
+        self.golden_nonfinite = torch.cat(bad_rows).numpy()
+        all_facts = np.concatenate(facts).astype(self.task.fact_dtype)
+        self.golden: Golden = self.task.golden(all_facts, bool(self.golden_nonfinite.any()))
+        self._masked_fields = fill_masked(self.golden, self.task).to_dict()
+        self.stops = sorted({prog.calls[k] for k, live in self.cuts.items()
+                             if all(self.cache.in_memory(v) for v in live)}) if prog else []
+
+    @property
+    def strategy_used(self) -> str:
+        """"graph" (run from the faulty layer) or "full-forward"."""
+        return "graph" if self.program is not None else "full-forward"
+
+    # ------------------------------------------------------------------ running
+    def run(self, faults: Sequence[Fault], progress: Progress | None = None) -> list[Outcome]:
+        """Raw :class:`Outcome` of every fault, in the same order.
+
+        Example:
+            >>> eng.run([Fault("weight", "encoder.0", 3, (30,))])[0].n_images  # doctest: +SKIP
+            700
+        """
+        return self._run(faults, progress, None)
+
+    @property
+    def golden_outputs(self) -> Tensor:
+        """Golden model outputs (N, ...) on the CPU."""
+        return self.cache.read(_OUT, 0, self.n).cpu()
+
+    def faulty_outputs(self, faults: Sequence[Fault]) -> list[Tensor]:
+        """Faulty model outputs (N, ...) per fault, as the engine computes them (CPU).
+
+        Example:
+            >>> y = eng.faulty_outputs([Fault("bias", "encoder.0", 1, (30,))])[0]  # doctest: +SKIP
+        """
+        golden = self.golden_outputs
+        outs = [golden.clone() for _ in faults]
+
+        def capture(idx: np.ndarray, images: np.ndarray, rows: Tensor) -> None:
+            for i in np.unique(idx):
+                sel = idx == i
+                outs[int(i)][torch.as_tensor(images[sel])] = rows[torch.as_tensor(sel)].cpu()
+
+        self._run(faults, None, capture)
+        return outs
+
+    def _run(self, faults: Sequence[Fault], progress: Progress | None,
+             capture: Callable[[np.ndarray, np.ndarray, Tensor], None] | None) -> list[Outcome]:
+        faults = list(faults)
+        results: list[Outcome | None] = [None] * len(faults)
+        todo: list[_Item] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for i, f in enumerate(faults):
+                    if not isinstance(f, Fault):
+                        raise ConfigError(f"faults[{i}]: expected a Fault, got "
+                                          f"{type(f).__name__}")
+                    pre = self._precheck(f)
+                    if pre is not None:
+                        results[i] = pre
+                    else:
+                        graph = self.program is not None and f.layer in self.cuts
+                        pos = self.program.calls[f.layer] if graph else -1  # type: ignore
+                        todo.append(_Item(i, f, pos))
+                todo.sort(key=lambda it: (it.pos < 0, it.pos, it.index))
+                done = len(faults) - len(todo)
+                for s in range(0, len(todo), self.fault_batch):
+                    items = todo[s : s + self.fault_batch]
+                    for slot, it in enumerate(items):
+                        it.slot = slot
+                    for it, o in zip(items, self._run_pass(items, capture), strict=True):
+                        results[it.index] = o
+                    done += len(items)
+                    if progress is not None:
+                        progress(done, len(faults))
+        finally:
+            self.model.train(was_training)
+        return [r for r in results if r is not None]
+
+    def _precheck(self, f: Fault) -> Outcome | None:
+        """Exact early exits: stuck-at no-ops and faults leaving the stored value unchanged."""
+        if f.target == "activation":
+            module_of(self.model, f.layer)
+            if f.bits[-1] >= self.fmt.bits:
+                raise ConfigError(f"bits: expected 0..{self.fmt.bits - 1} for {self.fmt.name}, "
+                                  f"got {f.bits[-1]}")
+            return None
+        if self.fmt.name != "fp32" and (f.layer, f.target) not in self.formats:
+            raise ConfigError(f"layer: {f.layer}.{f.target} is not stored in {self.fmt.name} "
+                              f"by this engine; list it in Engine(layers=...)")
+        old, new, noop = faulty_value(self.model, f, self._format(f))
+        if noop or bool(same_rows(old.reshape(1, 1), new.reshape(1, 1))[0]):
+            return Outcome(**{**self._masked_fields, "noop": noop, "masked": True,
+                              "n_images": 0})
+        return None
+
+    def _format(self, f: Fault) -> NumberFormat:
+        if f.target == "activation":
+            return self.fmt
+        return self.formats.get((f.layer, f.target), self.fmt)
+
+    def _pipeline(self, report: Callable[..., None]) -> Pipeline:
+        out_node = self.program.output if self.program is not None else "out"
+
+        def golden(key: Any, images: np.ndarray) -> Tensor:
+            return self.cache.gather(_OUT if key is out_node else key, images)
+
+        def inputs(images: np.ndarray) -> Tensor:
+            return self.inputs[torch.as_tensor(images)].to(self.device)
+
+        return Pipeline(self.program, self.stops, self.bs, golden, inputs,
+                        self.task.image_facts, report, self._stop_stats)
+
+    def _run_pass(self, items: list[_Item], capture: Callable[..., None] | None
+                  ) -> list[Outcome]:
+        k, n, bs = len(items), self.n, self.bs
+        facts = np.tile(self.golden.facts, (k, 1))
+        changed = np.zeros((k, n), dtype=bool)
+        nonfin = np.zeros((k, n), dtype=bool)
+        evaluated = np.zeros(k, dtype=np.int64)
+        slot_index = np.array([it.index for it in items])
+
+        def report(slots: np.ndarray, images: np.ndarray, fct: Tensor, bad: Tensor,
+                   out: Tensor) -> None:
+            facts[slots, images] = fct.cpu().numpy()
+            changed[slots, images] = True
+            nonfin[slots, images] = bad.cpu().numpy()
+            if capture is not None:
+                capture(slot_index[slots], images, out)
+
+        pipe = self._pipeline(report)
+        active = list(items)
+        for a in range(0, n, bs):
+            b = min(a + bs, n)
+            self._chunk(pipe, active, a, b)
+            evaluated[[it.slot for it in active]] += b - a
+            if self.early_stop is not None and b < n:
+                pipe.flush()
+                remaining = np.zeros(n, dtype=bool)
+                remaining[b:] = True
+                active = [it for it in active if not self.early_stop.certain(
+                    self._outcome(it.slot, facts, changed, nonfin, evaluated), self.golden,
+                    remaining, facts[it.slot])]
+            if not active:
+                break
+        pipe.flush()
+        return [self._outcome(it.slot, facts, changed, nonfin, evaluated) for it in items]
+
+    def _outcome(self, s: int, facts: np.ndarray, changed: np.ndarray, nonfin: np.ndarray,
+                 evaluated: np.ndarray) -> Outcome:
+        n_changed = int(changed[s].sum())
+        if n_changed == 0:
+            return Outcome(**{**self._masked_fields, "masked": True,
+                              "n_images": int(evaluated[s]),
+                              "early_stopped": bool(evaluated[s] < self.n)})
+        fields = self.task.outcome_fields(facts[s], self.golden)
+        return Outcome(noop=False, masked=False, n_images=int(evaluated[s]), n_changed=n_changed,
+                       early_stopped=bool(evaluated[s] < self.n),
+                       nonfinite_outputs=bool((nonfin[s] & ~self.golden_nonfinite).any()),
+                       **fields)
+
+    def _chunk(self, pipe: Pipeline, items: list[_Item], a: int, b: int) -> None:
+        """Feed images ``a..b-1`` of every fault in ``items`` into the pipeline."""
+        r, images, bs = b - a, np.arange(a, b), self.bs
+        golden_out = self.cache.read(_OUT, a, b)
+        by_layer: dict[str, list[_Item]] = {}
+        for it in items:
+            if it.pos >= 0:
+                by_layer.setdefault(it.fault.layer, []).append(it)
+                continue
+            with inject(self.model, it.fault, self._format(it.fault)):
+                y = self.model(self._x(a, b))[:r]
+            keep = ~same_rows(y, golden_out)
+            rows = Rows({pipe.out_key: y}, np.full(r, it.slot), images)
+            pipe.push(pipe.end, rows.select(keep) if not bool(keep.all()) else rows)
+        prog = self.program
+        for layer, group in by_layer.items():
+            assert prog is not None
+            p = prog.calls[layer]
+            node = prog.nodes[p]
+            env = {v: pad_rows(self.cache.read(v, a, b), bs) for v in self.cuts[layer]}
+            gold = prog.call(node, self._fresh(env))
+            after = prog.live(p + 1)
+            for it in group:
+                out, sl = self._faulty_layer(it.fault, node, env, gold)
+                keep = ~same_rows(out[:r, sl], gold[:r, sl])
+                if not bool(keep.any()):
+                    continue
+                vals = {v: out[:r] if v is node else
+                        env[v][:r].clone() if v in prog.mutated else env[v][:r] for v in after}
+                rows = Rows(vals, np.full(r, it.slot), images)
+                pipe.push(p + 1, rows if bool(keep.all()) else rows.select(keep))
+
+    def _faulty_layer(self, f: Fault, node: Any, env: dict[Any, Tensor], gold: Tensor
+                      ) -> tuple[Tensor, slice]:
+        """Faulty output of the fault's layer and the channels (dim 1) that can differ."""
+        assert self.program is not None
+        if f.target == "activation":
+            return activation_fault(gold, f, self.fmt), slice(None)
+        module = self.model.get_submodule(f.layer)
+        x = env.get(node.args[0]) if len(node.args) == 1 and not node.kwargs else None
+        if f.layer not in self._block:
+            self._block[f.layer] = probe_block(module, x, gold) if x is not None else 0
+        size = self._block[f.layer]
+        if size and x is not None:
+            _, new, _ = faulty_value(self.model, f, self._format(f))
+            lo, hi, blk = block_forward(module, f, new, self._fresh(env)[node.args[0]], size)
+            out = gold.clone()
+            out[:, lo:hi] = blk
+            return out, slice(lo, hi)
+        with inject(self.model, f, self._format(f)):
+            out = self.program.call(node, self._fresh(env))
+        return out, slice(None)
+
+
+def evaluate_faults(model: nn.Module, inputs: Tensor, task: Task, faults: Sequence[Fault],
+                    **engine_kwargs: Any) -> list[dict[str, Any]]:
+    """Notebook helper: run ``faults`` through an :class:`Engine` and return one flat record
+    per fault (fault fields, bits as "29,30", plus the outcome fields).
+
+    Example:
+        >>> recs = evaluate_faults(model, x, ClassificationTask(y), faults)  # doctest: +SKIP
+    """
+    eng = Engine(model, inputs, task, **engine_kwargs)
+    return [{**fault_to_dict(f, bits_as="str"), **o.to_dict()}
+            for f, o in zip(faults, eng.run(faults), strict=True)]

@@ -1,0 +1,159 @@
+"""What a model's outputs mean: an anomaly detector (scores + threshold) or a classifier.
+
+A task turns a chunk of model outputs into one *fact* per image (a detector's score, a
+classifier's top-1 class), summarises the golden facts (:class:`~flipguard.inject.Golden`)
+and the raw facts of a faulty run (:class:`~flipguard.inject.Outcome`).
+
+>>> import torch
+>>> task = ClassificationTask([0, 1])
+>>> task.image_facts(torch.zeros(2, 1), torch.tensor([[2.0, 1.0], [0.0, 3.0]])).tolist()
+[0, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flipguard.errors import ConfigError
+from flipguard.inject.outcomes import Golden, Outcome, decisions
+from flipguard.metrics import MetricError, image_auroc, threshold_metrics
+
+__all__ = ["Task", "DetectionTask", "ClassificationTask"]
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _labels(labels: Sequence[int] | np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(labels, Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise ConfigError(f"labels: expected a 1-D array of integer labels, got dtype "
+                          f"{arr.dtype} and shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+class Task:
+    """Base class of :class:`DetectionTask` and :class:`ClassificationTask`."""
+
+    kind = ""
+    labels: np.ndarray
+    fact_dtype: Any = np.float64
+
+    def check(self, n_images: int) -> None:
+        """Raise a one-line error unless there is one label per image."""
+        if self.labels.shape[0] != n_images:
+            raise ConfigError(f"labels: expected one label per input ({n_images}), "
+                              f"got {self.labels.shape[0]}")
+
+    def image_facts(self, inputs: Tensor, outputs: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def golden(self, facts: np.ndarray, nonfinite: bool) -> Golden:  # pragma: no cover
+        raise NotImplementedError
+
+    def outcome_fields(self, facts: np.ndarray, golden: Golden) -> dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover
+
+
+class DetectionTask(Task):
+    """Anomaly detection: ``score_fn(inputs_chunk, outputs_chunk) -> scores`` (one per image,
+    higher = more anomalous, e.g. ``run.scorer.scores``), ``score > threshold`` or a
+    non-finite score => anomalous, ``labels`` 1 = anomalous. ``score_fn`` must give each
+    image's score from that image alone (batch-size invariant), as the Scorer does.
+
+    >>> task = DetectionTask(lambda x, y: (x - y).abs().flatten(1).amax(1), 0.5, [0, 1])
+    >>> task.image_facts(torch.zeros(2, 1, 2, 2), torch.eye(2).expand(2, 1, 2, 2)).tolist()
+    [1.0, 1.0]
+    """
+
+    kind = "detection"
+
+    def __init__(self, score_fn: ScoreFn, threshold: float,
+                 labels: Sequence[int] | np.ndarray | Tensor) -> None:
+        if not callable(score_fn):
+            raise ConfigError("score_fn: expected a callable (inputs, outputs) -> scores")
+        self.score_fn, self.threshold, self.labels = score_fn, float(threshold), _labels(labels)
+
+    def image_facts(self, inputs: Tensor, outputs: Tensor) -> Tensor:
+        s = self.score_fn(inputs, outputs)
+        if not isinstance(s, Tensor):
+            s = torch.as_tensor(np.asarray(s))
+        if s.shape != (outputs.shape[0],):
+            raise ConfigError(f"score_fn: expected one score per image ({outputs.shape[0]}), "
+                              f"got shape {tuple(s.shape)}")
+        return s.to(torch.float64)
+
+    def golden(self, facts: np.ndarray, nonfinite: bool) -> Golden:
+        m = self._metrics(facts)
+        return Golden(kind=self.kind, n_images=int(facts.shape[0]), accuracy=m["accuracy"],
+                      f1=m["f1"], auroc=m["auroc"], threshold=self.threshold,
+                      n_anomalous=int((self.labels > 0).sum()),
+                      nonfinite=bool(nonfinite or not np.isfinite(facts).all()),
+                      facts=facts, labels=self.labels)
+
+    def _metrics(self, facts: np.ndarray) -> dict[str, Any]:
+        tm = threshold_metrics(self.labels, facts, self.threshold)
+        try:
+            auroc: float | None = image_auroc(self.labels, facts)
+        except MetricError:
+            auroc = None
+        return {"accuracy": tm["accuracy"], "f1": tm["f1"], "auroc": auroc}
+
+    def outcome_fields(self, facts: np.ndarray, golden: Golden) -> dict[str, Any]:
+        assert golden.facts is not None
+        g = golden.facts
+        dec_f, dec_g = decisions(facts, self.threshold), decisions(g, self.threshold)
+        fin_f, fin_g = np.isfinite(facts), np.isfinite(g)
+        became = bool((~fin_f & fin_g).any())
+        both = fin_f & fin_g
+        dmax = float(np.abs(facts[both] - g[both]).max()) if both.any() else 0.0
+        return {
+            "nonfinite_scores": became,
+            "flips_to_anomalous": int((dec_f & ~dec_g).sum()),
+            "flips_to_normal": int((~dec_f & dec_g).sum()),
+            "max_abs_dscore": float("inf") if became else dmax,
+            **self._metrics(facts),
+        }
+
+
+class ClassificationTask(Task):
+    """Classification: outputs are logits (N, classes); the fact is the top-1 class.
+
+    >>> ClassificationTask([3, 1]).labels.tolist()
+    [3, 1]
+    """
+
+    kind = "classification"
+    fact_dtype = np.int64
+
+    def __init__(self, labels: Sequence[int] | np.ndarray | Tensor) -> None:
+        self.labels = _labels(labels)
+
+    def image_facts(self, inputs: Tensor, outputs: Tensor) -> Tensor:
+        if outputs.dim() != 2:
+            raise ConfigError(f"outputs: expected logits of shape (N, classes), got "
+                              f"{tuple(outputs.shape)}")
+        return outputs.argmax(dim=1)
+
+    def golden(self, facts: np.ndarray, nonfinite: bool) -> Golden:
+        n = int(facts.shape[0])
+        acc = float((facts == self.labels).sum() / n) if n else None
+        return Golden(kind=self.kind, n_images=n, accuracy=acc, nonfinite=bool(nonfinite),
+                      facts=facts, labels=self.labels)
+
+    def outcome_fields(self, facts: np.ndarray, golden: Golden) -> dict[str, Any]:
+        n = int(facts.shape[0])
+        return {"mismatches": int((facts != golden.facts).sum()),
+                "accuracy": float((facts == self.labels).sum() / n) if n else None}
+
+
+def fill_masked(golden: Golden, task: Task) -> Outcome:
+    """Outcome fields of a fault whose outputs all equal golden (metrics = golden)."""
+    assert golden.facts is not None
+    return Outcome(**task.outcome_fields(golden.facts, golden))

@@ -1,0 +1,165 @@
+"""Thin adapter: turn a run directory into the plain-data :class:`ReportContext`.
+
+It is the only report module that calls other sub-packages: ``flipguard.run.load_run``,
+``flipguard.detect`` (reconstruct + scorer maps) and ``flipguard.campaign`` (store counts and
+``analysis.cfr_table``). Everything downstream renders plain rows and arrays.
+
+>>> ctx = collect("runs/demo", criterion="accuracy-drop:0.01")   # doctest: +SKIP
+>>> [r["layer"] for r in ctx.campaign.tables["layer"]][:1]        # doctest: +SKIP
+['encoder.0']
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flipguard.errors import ConfigError, FlipguardError
+from flipguard.report.sections import CampaignData, DetectorData, ReportContext
+
+__all__ = ["EXTRAS", "GROUPINGS", "campaign_data", "collect", "detector_data", "layer_types"]
+
+GROUPINGS: dict[str, tuple[str, ...]] = {
+    "network": (), "layer": ("layer",), "bit": ("bit",), "field": ("field",),
+    "layer_bit": ("layer", "bit"), "layer_kernel": ("layer", "kernel"),
+}
+"""CFR tables computed for the report (name -> ``by`` of ``cfr_table``)."""
+EXTRAS: dict[str, tuple[str, ...]] = {"hardening": ("hardening.json",),
+                                      "resiliency": ("ra.json", "resiliency.json")}
+"""Later-stage results: ``ctx.extras[name]`` from the first of these ``RUN/`` files present."""
+
+
+def layer_types(model: torch.nn.Module) -> dict[str, str]:
+    """Leaf modules with parameters, in network order: ``{"encoder.0": "Conv2d", ...}``."""
+    return {name: type(m).__name__ for name, m in model.named_modules()
+            if name and not any(True for _ in m.children())
+            and any(True for _ in m.parameters(recurse=False))}
+
+
+def _pick_examples(labels: np.ndarray, types: Sequence[str], k: int) -> list[int]:
+    """Up to ``k`` test images: the first of each defect type, then normal ones."""
+    first: dict[str, int] = {}
+    for i, t in enumerate(types):
+        first.setdefault(t, i)
+    defects = [i for t, i in first.items() if t != "good" and labels[i]]
+    goods = [i for i, y in enumerate(labels) if not y]
+    n_good = min(len(goods), max(1, k - len(defects)), k)
+    return sorted((defects[: k - n_good] + goods[:n_good])[:k])
+
+
+def detector_data(run: Any, notes: list[str], examples: int = 6) -> DetectorData | None:
+    """Scores of every test image and ``examples`` example maps; None (with a note) when the
+    dataset cannot be loaded."""
+    from flipguard.detect import reconstruct
+
+    try:
+        ds = run.load_data()
+    except (FlipguardError, OSError) as exc:
+        notes.append(f"Detector figures omitted: {str(exc).splitlines()[0]}")
+        return None
+    scorer = run.scorer
+    recon = reconstruct(run.model, ds.test)
+    maps = scorer.maps(ds.test, recon)
+    scores = scorer.reduce(maps).numpy().astype(np.float64)
+    labels = np.asarray(ds.test_labels, dtype=np.int64)
+    idx = _pick_examples(labels, ds.test_types, examples) if examples > 0 else []
+    sel = torch.as_tensor(idx, dtype=torch.long)
+    imgs = ds.test[sel].permute(0, 2, 3, 1).numpy()
+    imgs = imgs[..., 0] if imgs.shape[-1] == 1 else imgs
+    masks = None if ds.test_masks is None else ds.test_masks[sel, 0].numpy()
+    titles = [f"{ds.test_types[i]} · score {scores[i]:.3g}" for i in idx]
+    return DetectorData(scores, labels, run.threshold, list(ds.test_types), imgs,
+                        maps[sel, 0].numpy(), masks, titles)
+
+
+def campaign_data(run_path: Path, criterion: str, method: str = "wilson",
+                  notes: list[str] | None = None) -> CampaignData | None:
+    """Counts, per-stratum progress/margins and the :data:`GROUPINGS` CFR tables of
+    ``RUN/campaign.sqlite``; None when there is no store."""
+    from flipguard.campaign.analysis import CRITICAL, cfr_table, classify_store
+    from flipguard.campaign.stats import stratified
+    from flipguard.campaign.store import CampaignStore, store_path
+
+    path = store_path(run_path)
+    if not path.is_file():
+        return None
+    with CampaignStore(path) as store:
+        definition = store.definition
+        plan = dict(definition.get("plan", {}))
+        conf = float(plan.get("confidence", 0.99))
+        counts = store.counts()
+        strata = store.strata()
+        records: list = []
+        if counts["done"] and store.get_meta("golden") is not None:
+            records = classify_store(store, criterion)
+        elif counts["done"] and notes is not None:
+            notes.append(f"{path}: executed faults but no golden reference recorded; "
+                         "rates omitted")
+        tables = {}
+        if records:
+            def cached(_store: Any, _criterion: str) -> list:
+                return records
+
+            tables = {name: cfr_table(store, by=by, criterion=criterion, method=method,
+                                      classify=cached) for name, by in GROUPINGS.items()}
+        done = Counter(pf.stratum for pf, _ in records)
+        crit = Counter(pf.stratum for pf, cls in records if cls in CRITICAL)
+        rows = []
+        for s in strata:
+            e = stratified([(s.N, done[s.key], crit[s.key])], conf, method)
+            rows.append({"key": s.key, "layer": s.layer, "target": s.target, "N": s.N,
+                         "planned": s.n, "done": done[s.key], "critical": crit[s.key],
+                         "cfr": e.p, "ci_low": e.ci[0], "ci_high": e.ci[1],
+                         "margin": e.margin})
+        return CampaignData(criterion, method, conf, str(plan.get("fmt", "fp32")), plan,
+                            int(definition.get("population") or sum(s.N for s in strata)),
+                            counts["planned"], counts["done"], rows, tables,
+                            int(store.get_meta("rounds", 0) or 0))
+
+
+def _extras(run_path: Path, notes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, files in EXTRAS.items():
+        f = next((run_path / n for n in files if (run_path / n).is_file()), None)
+        if f is not None:
+            try:
+                out[name] = json.loads(f.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                notes.append(f"{f}: not readable JSON ({str(exc).splitlines()[0]}); "
+                             f"the {name} section is omitted")
+    return out
+
+
+def collect(run_dir: str | Path, criterion: str = "accuracy-drop:0.01", method: str = "wilson",
+            *, kernel_layers: Sequence[str] | None = None,
+            bit_layers: Sequence[str] | None = None, examples: int = 6) -> ReportContext:
+    """Load everything the report shows from a run directory (see module docstring)."""
+    from flipguard.campaign.stats import METHODS
+    from flipguard.inject.outcomes import parse_criterion
+    from flipguard.run import load_run
+
+    parse_criterion(criterion)
+    if method not in METHODS:
+        raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    run = load_run(run_dir)
+    ctx = ReportContext(run_path=run.path, config=run.config.model_dump(),
+                        metrics=dict(run.metrics), layer_types=layer_types(run.model),
+                        kernel_layers=None if kernel_layers is None else tuple(kernel_layers),
+                        bit_layers=None if bit_layers is None else tuple(bit_layers))
+    ctx.detector = detector_data(run, ctx.notes, examples)
+    ctx.campaign = campaign_data(run.path, criterion, method, ctx.notes)
+    ctx.extras = _extras(run.path, ctx.notes)
+    if ctx.campaign is not None:
+        for opt, chosen in (("kernel-layers", ctx.kernel_layers), ("bit-layers", ctx.bit_layers)):
+            have = {r["layer"] for r in ctx.campaign.tables.get("layer_kernel", [])}
+            missing = [n for n in chosen or () if n not in have]
+            if missing:
+                raise ConfigError(f"{opt}: {missing[0]!r} has no executed faults; expected "
+                                  f"one of {', '.join(ctx.layer_order(have)) or '(none)'}")
+    return ctx
