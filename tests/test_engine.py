@@ -97,8 +97,8 @@ def _detection(model: nn.Module, x: torch.Tensor) -> DetectionTask:
 
 
 def _check_three_ways(model, x, task, faults, expect_strategy):
-    eng = Engine(model, x, task, batch_size=BS, fault_batch=8)
-    inc = Engine(model, x, task, batch_size=BS, fault_batch=1)
+    eng = Engine(model, x, task, batch_size=BS, fault_batch=8, channel_blocks="always")
+    inc = Engine(model, x, task, batch_size=BS, fault_batch=1, channel_blocks="never")
     full = Engine(model, x, task, batch_size=BS, strategy="full")
     assert eng.strategy_used == expect_strategy and full.strategy_used == "full-forward"
     outs_b, outs_i = eng.faulty_outputs(faults), inc.faulty_outputs(faults)
@@ -314,3 +314,23 @@ def test_engine_errors_are_one_line():
         with pytest.raises(FlipguardError) as exc:
             eng.run([bad])
         assert "\n" not in str(exc.value)
+
+
+def test_heap_reuse_avoids_fresh_page_faults():
+    import resource
+
+    from flipguard.inject.cache import _glibc, heap_reuse
+
+    if _glibc() is None:
+        pytest.skip("glibc only")
+
+    def faults_of_allocations() -> int:
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(4):
+            torch.ones(16 << 20)  # 64 MiB: above glibc's largest dynamic mmap threshold
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+
+    plain = faults_of_allocations()
+    with heap_reuse():
+        reused = faults_of_allocations()
+    assert plain > 4 * 15000 and reused < plain / 2

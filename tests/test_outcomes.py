@@ -102,6 +102,7 @@ def test_detection_facts_match_sklearn():
     golden = task.golden(g_scores, False)
     assert golden.accuracy == pytest.approx(accuracy_score(labels, g_scores > 0.5), abs=0)
     assert golden.auroc == pytest.approx(roc_auc_score(labels, g_scores), abs=1e-12)
+    assert np.array_equal(golden.decisions, g_scores > 0.5)
     f_scores = g_scores + rng.normal(0, 0.2, 40)
     f_scores[3] = np.nan
     out = task.outcome_fields(f_scores, golden)

@@ -8,6 +8,7 @@ import logging
 import struct
 
 import numpy as np
+import pytest
 import torch
 from pytorchfi.core import fault_injection
 from torch import nn
@@ -30,8 +31,15 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, tuple(TYPES))]
 
 
-def _setup():
+@pytest.fixture(autouse=True)
+def _quiet_pytorchfi():
+    """PyTorchFI logs every injection at INFO; silence it for these tests only."""
     logging.disable(logging.INFO)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def _setup():
     model, x = tiny_cae(), smooth_images(N, 32)
     task = DetectionTask(lambda a, b: (a - b).flatten(1).abs().amax(1), 0.5,
                          np.arange(N) % 2)

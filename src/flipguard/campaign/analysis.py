@@ -78,8 +78,9 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
     """Rows of CFR per group from ``records`` = (planned fault, class) and the plan strata.
 
     Each row: the group keys, ``n``, ``critical``, ``cfr``, ``ci`` [low, high], ``N``,
-    ``margin``, ``n_eff`` (None when enumerated exhaustively) and the rates ``masked``,
-    ``sdc_benign``, ``sdc_critical``, ``non_finite``.
+    ``margin``, ``n_eff`` (None when enumerated exhaustively), the rates ``masked``,
+    ``sdc_benign``, ``sdc_critical``, ``non_finite`` and ``sampling`` ("uniform", or
+    "stratified" for criticality sub-strata: estimator of docs/criticality.md).
     """
     by = parse_by(by)
     check_confidence(confidence)
@@ -87,11 +88,14 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
         raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     form = get_format(fmt)
     counts: dict[tuple, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    audit: dict[tuple, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     for pf, cls in records:
         if cls not in CLASSES:
             raise ConfigError(f"class: expected one of {', '.join(CLASSES)}, got {cls!r}")
         g = _group_of(pf, form.field(pf.fault.bits[0]), by)
         counts[g][pf.stratum][cls] += 1
+        audit[g][pf.stratum][cls] += pf.round == 0
+    sub = any(s.crit is not None for s in strata)  # criticality-stratified sampling
     layer_pos = {s.layer: i for i, s in reversed(list(enumerate(strata)))}
     order = {"layer": lambda v: layer_pos.get(v, 1 << 30), "bit": lambda v: -v,
              "field": lambda v: form.fields.index(v), "target": str, "kernel": int, "kind": str}
@@ -103,7 +107,11 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
         cells = [(s, _cell_population(s, gd, form)) for s in strata]
         cells = [(s, N) for s, N in cells if N > 0]
 
-        def est(classes: Sequence[str], cells=cells, per=per):
+        def est(classes: Sequence[str], cells=cells, per=per, first=audit[g]):
+            if sub:  # audit + allocation rounds, MOVER interval (docs/criticality.md)
+                from flipguard.criticality.campaign import substrata_estimate
+
+                return substrata_estimate(cells, per, first, classes, confidence)
             return stratified([(N, sum(per[s.key].values()),
                                 sum(per[s.key][c] for c in classes)) for s, N in cells],
                               confidence, method)
@@ -111,7 +119,8 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
         e = est(CRITICAL)
         row: dict[str, Any] = dict(gd)
         row.update(n=e.n, critical=e.k, cfr=e.p, ci=[e.ci[0], e.ci[1]], N=e.N,
-                   margin=e.margin, n_eff=e.n_eff if math.isfinite(e.n_eff) else None)
+                   margin=e.margin, n_eff=e.n_eff if math.isfinite(e.n_eff) else None,
+                   sampling="stratified" if sub else "uniform")
         for cls in CLASSES:
             row[cls.replace("-", "_")] = est((cls,)).p
         rows.append(row)

@@ -36,14 +36,17 @@ from flipguard.campaign.stats import (
 )
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, SiteSpace, apply_bits, get_format
+from flipguard.inject.outcomes import parse_criterion
 
-__all__ = ["FAULT_MODELS", "P_FLOOR", "STRATA", "Plan", "PlanConfig", "PlannedFault",
-           "PlannedStratum", "data_aware_p", "draw_faults", "make_plan", "stratum_rng"]
+__all__ = ["FAULT_MODELS", "P_FLOOR", "SAMPLINGS", "STRATA", "Plan", "PlanConfig",
+           "PlannedFault", "PlannedStratum", "data_aware_p", "draw_faults", "make_plan",
+           "stratum_rng"]
 
 FAULT_MODELS: dict[str, tuple[str, ...]] = {"bitflip": ("flip",),
                                              "stuck-at": ("stuck-at-0", "stuck-at-1")}
 STRATA = ("network", "layer", "layer,bit", "layer,field", "layer,kernel", "layer,bit,kernel",
           "layer,field,kernel")
+SAMPLINGS = ("uniform", "stratified")
 P_FLOOR = 0.01
 """Data-aware priors are clamped to [P_FLOOR, 1 - P_FLOOR] (see docs/campaigns.md)."""
 
@@ -83,6 +86,8 @@ class PlanConfig:
     fmt: str = "fp32"
     seed: int = 0
     user_strata: tuple[dict[str, Any], ...] | None = field(default=None)
+    sampling: str = "uniform"
+    criterion: str = "accuracy-drop:0.01"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -112,6 +117,9 @@ class PlanConfig:
         if self.user_strata is not None:
             set_("user_strata", tuple(dict(s) for s in self.user_strata))
         get_format(self.fmt)
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(f"sampling: expected uniform or stratified, got {self.sampling!r}")
+        set_("criterion", parse_criterion(self.criterion).text)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -121,6 +129,8 @@ class PlanConfig:
         d = asdict(self)
         for k in ("layers", "targets", "user_strata"):
             d[k] = None if d[k] is None else list(d[k])
+        if self.sampling == "uniform":  # uniform plans keep their digests
+            del d["sampling"], d["criterion"]
         return d
 
     @classmethod
@@ -155,18 +165,24 @@ class PlannedStratum:
     elements: int = 0
     kernel_numel: int = 0
     kinds: tuple[str, ...] = ("flip",)
+    crit: int | None = None  # criticality sub-stratum: predicted class,
+    parent: str | None = None  # the stratum it splits,
+    counts: tuple[tuple[int, int, int, int], ...] | None = None  # (kind, bit, kernel, count)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("bits", "bit_list", "kinds"):
             d[k] = None if d[k] is None else list(d[k])
-        return d
+        return {k: v for k, v in d.items() if v is not None or k not in ("crit", "parent",
+                                                                         "counts")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlannedStratum:
         d = dict(d)
         for k in ("bits", "bit_list", "kinds"):
             d[k] = None if d.get(k) is None else tuple(d[k])
+        if d.get("counts") is not None:
+            d["counts"] = tuple(tuple(int(v) for v in row) for row in d["counts"])
         return cls(**d)
 
     def population_of(self, bits: Sequence[int] | None = None, kernel: int | None = None,
@@ -174,6 +190,10 @@ class PlannedStratum:
         """Population of this stratum restricted to ``bits``, one ``kernel``, one ``kind``."""
         if kernel is not None and self.kernel is not None and kernel != self.kernel:
             return 0
+        if self.counts is not None:
+            return sum(c for ki, b, kern, c in self.counts
+                       if (bits is None or b in set(bits)) and kernel in (None, kern)
+                       and kind in (None, self.kinds[ki]))
         elems = self.kernel_numel if kernel is not None and self.kernel is None else self.elements
         nb = len(self.bit_list) if bits is None else len(set(bits) & set(self.bit_list))
         nk = len(self.kinds) if kind is None else int(kind in self.kinds)
@@ -350,8 +370,10 @@ def _key(s: PlannedStratum) -> str:
     return ":".join(parts)
 
 
-def make_plan(model: nn.Module, config: PlanConfig) -> Plan:
-    """Strata, populations, priors and sample sizes of ``config`` for ``model``."""
+def make_plan(model: nn.Module, config: PlanConfig, predictor: Any = None) -> Plan:
+    """Strata, populations, priors and sample sizes of ``config`` for ``model``; with
+    ``sampling="stratified"`` the strata are split by the criticality ``predictor``
+    (:func:`flipguard.criticality.campaign.stratify_plan`)."""
     kinds = config.kinds
     space = SiteSpace(model, targets=config.targets, layers=config.layers, fmt=config.fmt)
     if not space.layers:
@@ -395,4 +417,8 @@ def make_plan(model: nn.Module, config: PlanConfig) -> Plan:
                 s.n = int(fixed)
             else:
                 s.n = leveugle_n(s.N, config.error, config.confidence, s.p, config.rounding)
+    if config.sampling == "stratified":
+        from flipguard.criticality.campaign import stratify_plan
+
+        return stratify_plan(Plan(config, strata, space), predictor)
     return Plan(config, strata, space)

@@ -137,7 +137,12 @@ def open_campaign(run: str | Path, config: PlanConfig, factory: Any, *, fresh: b
             store.close()
             raise
         return store
-    plan = make_plan(model if model is not None else factory.model(), config)
+    predictor = None
+    if config.sampling == "stratified":
+        from flipguard.criticality.campaign import predictor_for_factory
+
+        predictor = predictor_for_factory(factory, config)
+    plan = make_plan(model if model is not None else factory.model(), config, predictor)
     definition = {"plan": config.to_dict(), "plan_digest": digest,
                   "model_fingerprint": fps["model"], "data_fingerprint": fps["data"],
                   "task_fingerprint": fps["task"], "flipguard_version": __version__,
@@ -279,6 +284,10 @@ def refine(store: CampaignStore, model: torch.nn.Module, criterion: str,
     from flipguard.campaign.analysis import CRITICAL, classify_store
 
     config = PlanConfig.from_dict(store.definition["plan"])
+    if config.sampling == "stratified":
+        from flipguard.criticality.campaign import refine_stratified
+
+        return refine_stratified(store, model, criterion, max_rounds)
     plan: Plan = make_plan(model, config)
     rounds = int(store.get_meta("rounds", 0))
     if rounds >= max_rounds:

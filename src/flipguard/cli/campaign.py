@@ -28,7 +28,9 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 
 def _config(strata: str, error: float, confidence: float, p: str, fault_model: str,
-            rounding: str, layers: str | None, targets: str, seed: int, fmt: str):
+            rounding: str, layers: str | None, targets: str, seed: int, fmt: str,
+            sampling: str = "uniform", criterion: str = "accuracy-drop:0.01",
+            target_margin: float | None = None):
     from flipguard.campaign.planner import PlanConfig
 
     user = None
@@ -41,10 +43,12 @@ def _config(strata: str, error: float, confidence: float, p: str, fault_model: s
                 from None
         if not isinstance(user, list) or not all(isinstance(d, dict) for d in user):
             raise ConfigError(f"{path}: expected a JSON list of strata objects")
-    return PlanConfig(strata="layer" if user is not None else strata, error=error,
+    return PlanConfig(strata="layer" if user is not None else strata,
+                      error=error if target_margin is None else target_margin,
                       confidence=confidence, p=p, fault_model=fault_model, rounding=rounding,
                       layers=_split(layers), targets=_split(targets) or ("weight",), seed=seed,
-                      fmt=fmt, user_strata=None if user is None else tuple(user))
+                      fmt=fmt, user_strata=None if user is None else tuple(user),
+                      sampling=sampling, criterion=criterion)
 
 
 def _plan_table(plan_dict: dict[str, Any], title: str) -> Table:
@@ -79,6 +83,11 @@ O_TARGETS = typer.Option("weight", "--targets", help="weight and/or bias, e.g. w
 O_SEED = typer.Option(0, "--seed", help="Sampling seed (same seed => same faults).")
 O_FMT = typer.Option("fp32", "--format", help="Number format: fp32 | fp16 | bf16 | int8.")
 O_IMAGES = typer.Option(None, "--images", help="Evaluate this many test images (default all).")
+O_SAMPLING = typer.Option("uniform", "--sampling", help="uniform | stratified (criticality "
+                          "sub-strata, see docs/criticality.md)")
+O_TMARGIN = typer.Option(None, "--target-margin", help="Target CFR margin e (sets --error).")
+O_CRIT = typer.Option("accuracy-drop:0.01", "--criterion",
+                      help="Criterion for --refine and the stratified predictor.")
 
 
 def plan(
@@ -91,13 +100,16 @@ def plan(
     input_shape: str | None = typer.Option(None, "--input-shape",
                                            help="C,H,W of one input (with --model)."),
     probe: int = typer.Option(3, "--probe", min=0, help="Faults timed for the estimate."),
+    sampling: str = O_SAMPLING, target_margin: float | None = O_TMARGIN,
+    criterion: str = O_CRIT,
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Show the planned strata, populations, sample sizes and a time estimate."""
     from flipguard.campaign.planner import make_plan
     from flipguard.campaign.runner import RunEngineFactory, execute_chunk
 
-    cfg = _config(strata, error, confidence, p, fault_model, rounding, layers, targets, seed, fmt)
+    cfg = _config(strata, error, confidence, p, fault_model, rounding, layers, targets, seed, fmt,
+                  sampling, criterion, target_margin)
     per_fault = None
     if model is not None:
         import torch
@@ -119,7 +131,12 @@ def plan(
                 per_fault = time.perf_counter() - t0  # one forward pass per fault and image
     elif run is not None:
         factory = RunEngineFactory(str(run), images=images, fmt=fmt)
-        pl = make_plan(factory.model(), cfg)
+        predictor = None
+        if cfg.sampling == "stratified":
+            from flipguard.criticality.campaign import predictor_for_factory
+
+            predictor = predictor_for_factory(factory, cfg)
+        pl = make_plan(factory.model(), cfg, predictor)
         faults = pl.faults()
         sample = [faults[int(i)] for i in sorted(
             {round(j) for j in np.linspace(0, len(faults) - 1, min(probe, len(faults)))})]
@@ -131,12 +148,17 @@ def plan(
     else:
         raise ConfigError("RUN: expected a run directory or --model pkg.module:factory")
     out = pl.to_dict()
-    out["estimate_s"] = None if per_fault is None else per_fault * pl.total
+    total = out.get("predicted_total", pl.total)
+    out["estimate_s"] = None if per_fault is None else per_fault * total
     if json_out:
         print_json(out)
         return
     console.print(_plan_table(out, f"Campaign plan ({cfg.strata}, e={cfg.error:g}, "
                                    f"confidence={cfg.confidence:g}, p={cfg.p})"))
+    if "predicted_total" in out:
+        console.print(f"simulations for e={cfg.error:g}: uniform [bold]{out['uniform_total']:,}"
+                      f"[/], stratified [bold]{total:,}[/] predicted (audit {pl.total:,} now, "
+                      f"the allocation after it; x{out['uniform_total'] / max(total, 1):.1f})")
     console.print(f"population [bold]{pl.population:,}[/], planned [bold]{pl.total:,}[/] "
                   f"faults, estimated time [bold]{_fmt_s(out['estimate_s'])}[/] (one process)")
 
@@ -152,9 +174,10 @@ def run_cmd(
     limit: int | None = typer.Option(None, "--limit", min=0, help="Run at most K faults."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard an existing campaign store."),
     refine: bool = typer.Option(False, "--refine", help="Top strata up to the margin using "
-                                "the observed p (iterative refinement)."),
-    criterion: str = typer.Option("accuracy-drop:0.01", "--criterion",
-                                  help="Criterion for --refine."),
+                                "the observed p (iterative refinement; stratified: "
+                                "sequential mode)."),
+    criterion: str = O_CRIT, sampling: str = O_SAMPLING,
+    target_margin: float | None = O_TMARGIN,
     chunk: int = typer.Option(32, "--chunk", min=1, help="Faults per engine batch."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -162,7 +185,8 @@ def run_cmd(
     from flipguard.campaign import runner as rn
     from flipguard.cli._core import make_progress
 
-    cfg = _config(strata, error, confidence, p, fault_model, rounding, layers, targets, seed, fmt)
+    cfg = _config(strata, error, confidence, p, fault_model, rounding, layers, targets, seed, fmt,
+                  sampling, criterion, target_margin)
     if refine:
         from flipguard.inject import parse_criterion
 
@@ -202,7 +226,9 @@ def run_cmd(
             summary = {**res, "ran": summary["ran"] + res["ran"]}
             if left is not None:
                 left -= res["ran"]
-            if not refine or store.pending(limit=1) or (left is not None and left <= 0):
+            audit_only = cfg.sampling == "stratified" and store.get_meta("rounds", 0) < 1
+            if not (refine or audit_only) or store.pending(limit=1) or (
+                    left is not None and left <= 0):
                 break
             added = rn.refine(store, factory.model(), criterion)
             rounds += 1
@@ -284,13 +310,13 @@ def cfr(
     table = Table(title=f"CFR under {criterion} ({method})")
     for k in keys or ("group",):
         table.add_column(k)
-    for col in ("n", "critical", "CFR", "CI", "margin", "N"):
+    for col in ("n", "critical", "CFR", "CI", "margin", "N", "sampling"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*[str(r.get(k, "network")) for k in keys or ("group",)], f"{r['n']:,}",
                       f"{r['critical']:,}", f"{100 * r['cfr']:.3f} %",
                       f"[{100 * r['ci'][0]:.3f}, {100 * r['ci'][1]:.3f}] %",
-                      f"±{100 * r['margin']:.3f} %", f"{r['N']:,}")
+                      f"±{100 * r['margin']:.3f} %", f"{r['N']:,}", r.get("sampling", ""))
     console.print(table)
 
 

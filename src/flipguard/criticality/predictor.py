@@ -19,14 +19,14 @@ closest to the threshold (the others rarely reach the k-th largest ratio).
 Classes: ``ρ < 1e-3`` harmless, ``< 0.1`` low, ``< 1`` borderline, ``>= 1`` critical,
 ``inf`` extreme (:data:`CLASS_LABELS`, priors :data:`CLASS_PRIORS`).
 
->>> pred = Predictor.build(model, images, DetectionTask(scorer.scores, thr, labels))  # doctest: +SKIP
->>> pred.classes("encoder.0", bit=30)[:4]                                            # doctest: +SKIP
-array([4, 4, 4, 4], dtype=uint8)
+Example::
+
+    pred = Predictor.build(model, images, DetectionTask(scorer.scores, thr, labels))
+    pred.classes("encoder.0", bit=30)[:4]      # array([4, 4, 4, 4], dtype=uint8)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -86,8 +86,9 @@ def differentiable_score_fn(score_fn: Callable) -> Callable:
     from flipguard.detect import Scorer
 
     owner = getattr(score_fn, "__self__", None)
-    if isinstance(owner, Scorer):
-        return lambda x, y: owner.reduce(owner._maps(x.to(y.dtype), y))
+    if isinstance(owner, Scorer):  # float32, as Scorer.scores computes
+        return lambda x, y: owner.reduce(owner._maps(x.to(y.device, torch.float32),
+                                                     y.to(torch.float32)))
     return score_fn
 
 
@@ -135,7 +136,8 @@ class _Tensor:
 class Predictor:
     """Per-site predicted criticality of a model's fault sites (see module docstring).
 
-    Build with :meth:`build` (or :meth:`for_run`), then ``rho``/``classes`` per stratum,
+    Build with :meth:`build` (for a run directory:
+    :func:`flipguard.criticality.campaign.predictor_for_run`), then ``rho``/``classes`` per stratum,
     ``class_of(faults)`` or ``site_weights(...)`` (predicted probability of a critical
     fault, e.g. for an importance-sampling proposal).
     """
@@ -178,32 +180,6 @@ class Predictor:
                                    batch, range_factor)
         return cls(space, tensors, acts, info, edges, range_factor)
 
-    @classmethod
-    def for_run(cls, run: str | Path, images: int | None = None,
-                criterion: str = "accuracy-drop:0.01", *, targets: Iterable[str] = ("weight",),
-                layers: Iterable[str] | None = None, fmt: str = "fp32", max_images: int = 64,
-                kinds: Sequence[str] = ("flip",), cache: bool = True) -> Predictor:
-        """Predictor of a run directory on the images the campaign engine evaluates (cached
-        in ``RUN/criticality/<digest>.pt``, keyed by model, data, task and options)."""
-        from flipguard.campaign.runner import RunEngineFactory
-        from flipguard.inject import DetectionTask
-
-        factory = RunEngineFactory(str(run), images=images, fmt=fmt)
-        r, inputs, labels = factory._parts()
-        key = {"fp": factory.fingerprints(), "criterion": criterion, "targets": list(targets),
-               "layers": None if layers is None else list(layers), "max_images": max_images,
-               "kinds": list(kinds), "version": _VERSION}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(run) / "criticality" / f"{digest}.pt"
-        if cache and path.is_file():
-            return cls.load(path, r.model, layers=layers)
-        pred = cls.build(r.model, inputs, DetectionTask(r.scorer.scores, r.threshold, labels),
-                         criterion, targets=targets, layers=layers, fmt=fmt,
-                         max_images=max_images, kinds=kinds)
-        if cache:
-            pred.save(path)
-        return pred
-
     def save(self, path: str | Path) -> Path:
         """Write the predictor's statistics (``torch.save``, atomically)."""
         import os
@@ -229,14 +205,13 @@ class Predictor:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module,
-             layers: Iterable[str] | None = None) -> Predictor:
+    def load(cls, path: str | Path, model: nn.Module, layers: Iterable[str] | None = None,
+             example_input: Tensor | None = None) -> Predictor:
         """Read a predictor written by :meth:`save` for ``model`` (``weights_only``)."""
         data = torch.load(path, map_location="cpu", weights_only=True)
         info = json.loads(data["info"])
-        if "activation" in info["targets"]:
-            raise ConfigError(f"{path}: predictors with activation targets are not cached")
-        space = SiteSpace(model, targets=info["targets"], layers=layers, fmt=info["fmt"])
+        space = SiteSpace(model, targets=info["targets"], layers=layers, fmt=info["fmt"],
+                          example_input=example_input)
         tensors = {tuple(k.split("|", 1)): _Tensor(d["values"], d["r_pos"], d["r_neg"],
                                                     float(d["vmax"]))
                    for k, d in data["tensors"].items()}

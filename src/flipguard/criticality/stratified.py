@@ -32,19 +32,17 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from flipguard.campaign.stats import clopper_pearson, t_value, wilson
+from flipguard.campaign.stats import clopper_pearson, wilson
 from flipguard.criticality.predictor import CLASS_PRIORS
 from flipguard.errors import ConfigError
 
-__all__ = ["StratEstimate", "StratifiedResult", "allocate", "calibrate", "draw", "estimate",
-           "neyman", "predicted_margin", "run_stratified", "split_key", "sub_interval",
-           "substratum_key", "substratum_rng"]
-
-Cell = tuple  # (N, n, k) or (N, n, k, fill): fill = point value used when n == 0
+__all__ = ["Cell", "StratEstimate", "StratifiedResult", "allocate", "cell_interval", "draw",
+           "estimate", "neyman", "plan_rates", "predicted_margin", "run_stratified", "split_key",
+           "sub_interval", "substratum_key", "substratum_rng"]
 
 
 def substratum_key(parent: str, cls: int) -> str:
@@ -87,19 +85,32 @@ def draw(classes: np.ndarray, cls: int, n: int, seed: int, key: str, round_: int
 
 
 def sub_interval(N: int, n: float, k: float, confidence: float,
-                 method: str = "wilson") -> tuple[float, float]:
-    """Interval of one sub-stratum's rate (FPC via the effective size; exact when n >= N)."""
+                 method: str = "clopper-pearson") -> tuple[float, float]:
+    """Interval of the rate of a population of ``N`` from ``k`` of ``n`` drawn without
+    replacement (FPC via the effective size ``n (N-1)/(N-n)``; exact when ``n >= N``)."""
+    if method not in ("wilson", "clopper-pearson"):
+        raise ConfigError(f"method: expected wilson or clopper-pearson, got {method!r}")
     if n <= 0:
         return (0.0, 1.0)
     p = k / n
     if n >= N:
         return (p, p)
     n_eff = n * (N - 1) / (N - n) if N > 1 else n
-    fn = wilson if method == "wilson" else clopper_pearson
-    if method not in ("wilson", "clopper-pearson"):
-        raise ConfigError(f"method: expected wilson or clopper-pearson, got {method!r}")
-    lo, hi = fn(p * n_eff, n_eff, confidence)
+    lo, hi = (wilson if method == "wilson" else clopper_pearson)(p * n_eff, n_eff, confidence)
     return (min(lo, p), max(hi, p))
+
+
+class Cell(NamedTuple):
+    """A sub-stratum of ``N`` faults: ``n0`` audited first (``k0`` critical, counted exactly
+    as themselves) and ``n`` drawn afterwards from the other ``N - n0`` (``k`` critical),
+    which estimate the rate of those. ``fill``: point value of an unsampled remainder."""
+
+    N: int
+    n: float
+    k: float
+    n0: int = 0
+    k0: float = 0
+    fill: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -114,46 +125,67 @@ class StratEstimate:
     N: int
 
 
-def estimate(cells: Sequence[Cell], confidence: float,
-             method: str = "wilson") -> StratEstimate:
-    """Combine sub-strata ``(N_h, n_h, k_h[, fill])`` (see module docstring). A cell with
-    ``n_h = 0`` counts as ``fill`` (default 0.5) with the interval [0, 1]."""
-    N = sum(int(c[0]) for c in cells if c[0] > 0)
+def cell_interval(c: Cell, confidence: float, method: str = "clopper-pearson"
+                  ) -> tuple[float, float, float]:
+    """``(p, lo, hi)`` of one cell: ``p = (k0 + (N - n0) k / n) / N``."""
+    rest = c.N - c.n0
+    if rest <= 0:
+        p = c.k0 / c.N
+        return p, p, p
+    if c.n <= 0:
+        return (c.k0 + rest * c.fill) / c.N, c.k0 / c.N, (c.k0 + rest) / c.N
+    lo, hi = sub_interval(rest, c.n, c.k, confidence, method)
+    return tuple((c.k0 + rest * v) / c.N for v in (c.k / c.n, lo, hi))  # type: ignore
+
+
+def estimate(cells: Sequence[Cell | tuple], confidence: float,
+             method: str = "clopper-pearson") -> StratEstimate:
+    """Combine sub-strata (:class:`Cell` s or ``(N, n, k)`` tuples) with the MOVER interval
+    (see module docstring)."""
+    cells = [c if isinstance(c, Cell) else Cell(*c) for c in cells]
+    cells = [c for c in cells if c.N > 0]
+    N = sum(int(c.N) for c in cells)
     if N <= 0:
         return StratEstimate(math.nan, (0.0, 1.0), math.nan, 0, 0, 0)
-    p = lo2 = hi2 = 0.0
-    n_all, k_all = 0, 0.0
+    p = lo2 = hi2 = k_all = 0.0
     for c in cells:
-        Nh, nh, kh = int(c[0]), int(c[1]), float(c[2])
-        if Nh <= 0:
-            continue
-        w = Nh / N
-        ph = kh / nh if nh > 0 else float(c[3] if len(c) > 3 else 0.5)
-        lh, uh = sub_interval(Nh, nh, kh, confidence, method)
+        w = c.N / N
+        ph, lh, uh = cell_interval(c, confidence, method)
         p += w * ph
         lo2 += (w * (ph - lh)) ** 2
         hi2 += (w * (uh - ph)) ** 2
-        n_all, k_all = n_all + nh, k_all + kh
+        k_all += c.k + c.k0
     lo, hi = max(0.0, p - math.sqrt(lo2)), min(1.0, p + math.sqrt(hi2))
+    n_all = int(sum(c.n + c.n0 for c in cells))
     return StratEstimate(p, (lo, hi), max(hi - p, p - lo), n_all, int(round(k_all)), N)
 
 
 def predicted_margin(N: Sequence[int], n: Sequence[int], p: Sequence[float],
-                     confidence: float, method: str = "wilson") -> float:
-    """Margin :func:`estimate` would report with ``k_h = p_h n_h`` expected criticals."""
-    return estimate([(Nh, nh, ph * nh) for Nh, nh, ph in zip(N, n, p, strict=True)],
-                    confidence, method).margin if sum(N) else 0.0
+                     confidence: float, method: str = "clopper-pearson",
+                     n0: Sequence[int] | None = None) -> float:
+    """Margin :func:`estimate` would report with the expected ``k = p n`` criticals
+    (``n0`` audited faults per sub-stratum, ``n`` drawn after them)."""
+    n0 = [0] * len(N) if n0 is None else n0
+    cells = [Cell(int(a), b, c * b, int(d), c * d)
+             for a, b, c, d in zip(N, n, p, n0, strict=True)]
+    return estimate(cells, confidence, method).margin if sum(N) else 0.0
 
 
-def calibrate(n: Sequence[int], k: Sequence[int], priors: Sequence[float],
-              strength: float = 2.0) -> np.ndarray:
-    """Pilot-calibrated rates ``(k_h + strength π_h) / (n_h + strength)``.
+def plan_rates(n: Sequence[int], k: Sequence[int], priors: Sequence[float],
+               level: float = 0.5, strength: float = 2.0) -> np.ndarray:
+    """Rates to plan with: the prior ``π_h`` where nothing was observed, else the value
+    closest to 1/2 in the ``level`` Wilson interval of ``(k + strength π, n + strength)``
+    pseudo-counts (a cautious, pilot-calibrated rate).
 
-    >>> calibrate([0, 10], [0, 5], [0.1, 0.9]).round(3).tolist()
-    [0.1, 0.567]
+    >>> plan_rates([0, 30, 30], [0, 0, 30], [0.1, 0.002, 0.95]).round(3).tolist()
+    [0.1, 0.029, 0.983]
     """
-    n_, k_, pi = (np.asarray(a, dtype=np.float64) for a in (n, k, priors))
-    return (k_ + strength * pi) / (n_ + strength)
+    out = np.asarray(priors, dtype=np.float64)[: len(n)].copy()
+    for h, (nh, kh) in enumerate(zip(n, k, strict=True)):
+        if nh > 0:
+            lo, hi = wilson(kh + strength * out[h], nh + strength, level)
+            out[h] = min(max(0.5, lo), hi)
+    return out
 
 
 def neyman(n: int, N: Sequence[int], p: Sequence[float], minimum: int = 0) -> np.ndarray:
@@ -189,101 +221,113 @@ def neyman(n: int, N: Sequence[int], p: Sequence[float], minimum: int = 0) -> np
 
 
 def allocate(N: Sequence[int], p: Sequence[float], error: float, confidence: float,
-             audit: int = 30, have: Sequence[int] | None = None, method: str = "wilson",
+             audit: int = 30, have: Sequence[int] | None = None,
+             n0: Sequence[int] | None = None, method: str = "clopper-pearson",
              budget: int | None = None) -> np.ndarray:
-    """Faults per sub-stratum (at least ``have`` and the audit) until the predicted margin
-    at rates ``p`` is at most ``error``: each step adds ~10 % to the sub-stratum with the
-    largest margin reduction per fault (``budget`` caps the total)."""
+    """Faults to draw per sub-stratum after the ``n0`` audited ones (at least ``have`` and
+    ``min(audit, N - n0)``) until the predicted margin at rates ``p`` is at most ``error``:
+    each step adds ~10 % to the sub-stratum with the largest margin reduction per fault
+    (``budget`` caps the total drawn after the audit)."""
     N_ = np.asarray(N, dtype=np.int64)
-    n = np.minimum(N_, int(audit))
+    base = np.zeros(len(N_), np.int64) if n0 is None else np.asarray(n0, dtype=np.int64)
+    room = N_ - base
+    n = np.minimum(room, int(audit))
     if have is not None:
         n = np.maximum(n, np.asarray(have, dtype=np.int64))
-    cur = predicted_margin(N_, n, p, confidence, method)
+    margin = lambda m: predicted_margin(N_, m, p, confidence, method, base)  # noqa: E731
+    cur = margin(n)
     while cur > error and (budget is None or n.sum() < budget):
-        best, best_gain = -1, -math.inf
-        for h in np.flatnonzero(n < N_):
-            step = int(min(N_[h] - n[h], max(1, math.ceil(0.1 * n[h]))))
+        best, best_gain, best_n = -1, -math.inf, n
+        for h in np.flatnonzero(n < room):
             trial = n.copy()
-            trial[h] += step
-            gain = (cur - predicted_margin(N_, trial, p, confidence, method)) / step
+            trial[h] += int(min(room[h] - n[h], max(1, math.ceil(0.1 * n[h]))))
+            gain = (cur - margin(trial)) / (trial[h] - n[h])
             if gain > best_gain:
                 best, best_gain, best_n = h, gain, trial
         if best < 0:
             break
-        n, cur = best_n, predicted_margin(N_, best_n, p, confidence, method)
+        n, cur = best_n, margin(best_n)
     return n
 
 
 @dataclass
 class StratifiedResult:
-    """Outcome of :func:`run_stratified` for one stratum."""
+    """Outcome of :func:`run_stratified` for one stratum: per class ``N``, the audited
+    ``n0``/``k0`` and the later ``n``/``k``; ``drawn[h]`` = stratum-local faults run."""
 
     key: str
     estimate: StratEstimate
     N: list[int]
+    n0: list[int]
+    k0: list[int]
     n: list[int]
     k: list[int]
     rounds: int
-    drawn: dict[int, np.ndarray] = field(default_factory=dict)  # class -> fault numbers j
+    drawn: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return int(sum(self.n))
+        return int(sum(self.n0) + sum(self.n))
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
+        rows = zip(self.N, self.n0, self.k0, self.n, self.k, strict=True)
         return {"key": self.key, "cfr": e.p, "ci": list(e.ci), "margin": e.margin,
                 "n": self.total, "critical": e.k, "N": e.N, "rounds": self.rounds,
-                "sub": [{"class": h, "N": Nh, "n": nh, "k": kh}
-                        for h, (Nh, nh, kh) in enumerate(zip(self.N, self.n, self.k,
-                                                             strict=True)) if Nh]}
+                "sub": [{"class": h, "N": a, "audit": b, "audit_critical": c, "n": d,
+                         "critical": f} for h, (a, b, c, d, f) in enumerate(rows) if a]}
 
 
 def run_stratified(classes: np.ndarray, evaluate: Callable[[np.ndarray], np.ndarray], *,
                    error: float, confidence: float, seed: int = 0, key: str = "",
-                   audit: int = 30, method: str = "wilson",
+                   audit: int = 30, method: str = "clopper-pearson",
                    priors: Sequence[float] = CLASS_PRIORS, sequential: bool = False,
-                   max_rounds: int = 12, undershoot: float = 0.9,
-                   n_classes: int | None = None) -> StratifiedResult:
-    """Sequential criticality-stratified estimate of one stratum's CFR.
+                   max_rounds: int = 8, undershoot: float = 1.0) -> StratifiedResult:
+    """Criticality-stratified estimate of one stratum's CFR.
 
     ``classes[j]``: predicted class of stratum-local fault ``j``; ``evaluate(j_array)`` runs
-    the faults and returns whether each is critical. Round 0 is the audit/pilot; each later
-    round calibrates the rates, allocates (aiming at ``undershoot * error``) and draws the
-    missing faults, until ``margin <= error`` or everything is enumerated.
+    those faults and returns whether each is critical. Round 0 audits every class; round 1
+    draws the allocation planned from the audit (:func:`plan_rates`, :func:`allocate`)
+    among the other faults. ``sequential``: further rounds until ``margin <= error``.
 
     >>> res = run_stratified(cls, lambda j: truth[j], error=0.01, confidence=0.99)  # doctest: +SKIP
     """
-    classes = np.asarray(classes)
-    H = int(n_classes or max(len(priors), int(classes.max()) + 1 if classes.size else 0))
-    N = np.bincount(classes.astype(np.int64), minlength=H)[:H]
+    classes = np.asarray(classes).astype(np.int64)
+    H = max(len(priors), int(classes.max()) + 1 if classes.size else 0)
+    N = np.bincount(classes, minlength=H)
     pri = np.resize(np.asarray(priors, dtype=np.float64), H)
-    n, k = np.zeros(H, np.int64), np.zeros(H, np.int64)
+    counts = {name: np.zeros(H, np.int64) for name in ("n0", "k0", "n", "k")}
     drawn: dict[int, list[np.ndarray]] = {h: [] for h in range(H)}
-    target = np.minimum(N, audit)
+
+    def run(h: int, m: int, rnd: int, phase: str) -> None:
+        kk, jj = draw(classes, h, m, seed, substratum_key(key, h), rnd,
+                      exclude=np.concatenate(drawn[h]) if drawn[h] else ())
+        drawn[h].append(kk)
+        counts["n" + phase][h] += len(jj)
+        counts["k" + phase][h] += int(np.asarray(evaluate(jj), dtype=bool).sum())
+
+    for h in np.flatnonzero(N):
+        run(h, int(min(N[h], audit)), 0, "0")
+    n0, k0, n, k = (counts[x] for x in ("n0", "k0", "n", "k"))
     rounds = 0
-    for rnd in range(max_rounds + 1):
-        for h in np.flatnonzero(target > n):
-            local = np.concatenate(drawn[h]) if drawn[h] else np.zeros(0, np.int64)
-            kk, jj = draw(classes, h, int(target[h] - n[h]), seed, substratum_key(key, h),
-                          rnd, exclude=local)
-            drawn[h].append(kk)
-            crit = np.asarray(evaluate(jj), dtype=bool)
-            n[h] += len(jj)
-            k[h] += int(crit.sum())
-        rounds = rnd
-        est = estimate(list(zip(N, n, k, strict=True)), confidence, method)
-        if est.margin <= error or (n >= N).all() or (rnd >= 1 and not sequential):
+    est = estimate([Cell(*c) for c in zip(N, n, k, n0, k0, strict=True)], confidence, method)
+    for rnd in range(1, max_rounds + 1):
+        if (n0 + n >= N).all() or (rnd > 1 and (not sequential or est.margin <= error)):
             break
-        target = allocate(N, calibrate(n, k, pri), undershoot * error, confidence, audit, n,
-                          method)
+        target = allocate(N, plan_rates(n0 + n, k0 + k, pri), undershoot * error, confidence,
+                          audit, n, n0, method)
         if (target <= n).all():  # predicted done but not achieved: grow the widest cell
-            w = np.array([(Nh / N.sum()) * np.subtract(*sub_interval(Nh, nh, kh, confidence,
-                                                                    method)[::-1])
-                          if nh < Nh else -1.0 for Nh, nh, kh in zip(N, n, k, strict=True)])
-            h = int(np.argmax(w))
-            target = n.copy()
-            target[h] = min(N[h], n[h] + max(1, math.ceil(0.25 * n[h])))
+            width = [c.N * (lambda t: t[2] - t[1])(cell_interval(c, confidence, method))
+                     if c.n0 + c.n < c.N else -1.0
+                     for c in (Cell(*v) for v in zip(N, n, k, n0, k0, strict=True))]
+            h = int(np.argmax(width))
+            target[h] = min(N[h] - n0[h], n[h] + max(1, math.ceil(0.25 * n[h])))
+        for h in np.flatnonzero(target > n):
+            run(h, int(target[h] - n[h]), rnd, "")
+        rounds = rnd
+        est = estimate([Cell(*c) for c in zip(N, n, k, n0, k0, strict=True)], confidence,
+                       method)
     members = {h: np.flatnonzero(classes == h) for h in range(H) if drawn[h]}
     picked = {h: members[h][np.concatenate(drawn[h])] for h in members}
-    return StratifiedResult(key, est, N.tolist(), n.tolist(), k.tolist(), rounds, picked)
+    return StratifiedResult(key, est, *(v.tolist() for v in (N, n0, k0, n, k)), rounds,
+                            picked)

@@ -28,7 +28,9 @@ from torch import Tensor
 
 __all__ = ["GoldenCache", "heap_reuse"]
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT = -1, -3, 128 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_AFTER_MMAP, _AFTER_TRIM = 32 << 20, 64 << 20  # where glibc's dynamic thresholds end up
+_HEAP_DEPTH = [0]
 
 
 def _glibc() -> Any:
@@ -46,23 +48,26 @@ def _glibc() -> Any:
 def heap_reuse(enabled: bool = True) -> Iterator[None]:
     """Inside the block, glibc malloc keeps freed memory for reuse instead of mapping every
     large activation tensor afresh (each fresh mapping costs one page fault per 4 KiB, about
-    a third of a CPU forward pass of the CAE); afterwards the thresholds are reset to glibc's
-    defaults and free memory is returned to the OS. No-op elsewhere or when disabled.
+    a third of a CPU forward pass of the CAE); afterwards the thresholds are set to the
+    values glibc's own dynamic adjustment reaches (32 MiB mmap, 64 MiB trim) and free memory
+    is returned to the OS. No-op on other C libraries or when disabled.
 
     >>> with heap_reuse():
     ...     pass
     """
     libc = _glibc() if enabled else None
-    if libc is None:
+    if libc is None or _HEAP_DEPTH[0]:  # unsupported, disabled, or already inside one
         yield
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    _HEAP_DEPTH[0] += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+        _HEAP_DEPTH[0] -= 1
+        libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
         libc.malloc_trim(0)
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, NumberFormat, fault_to_dict, get_format
 from flipguard.inject.cache import GoldenCache
+from flipguard.inject.cache import heap_reuse as reuse_heap
 from flipguard.inject.graph import Pipeline, Program, Rows, pad_rows, same_rows, trace
 from flipguard.inject.injector import (
     activation_fault,
@@ -67,8 +68,11 @@ class Engine:
     (faults elsewhere run as full forwards). ``early_stop``: a criterion (text or object);
     images then run in chunks of ``batch_size`` and a fault stops as soon as it is certainly
     critical. ``strategy``: "auto" or "full" (always full forwards, the naive reference).
-    ``golden`` holds the golden facts; ``strategy_used`` / ``fallback_reason`` say how
-    faults are evaluated.
+    ``heap_reuse``: let glibc keep freed activation buffers during the golden run and
+    ``run`` (see :func:`~flipguard.inject.cache.heap_reuse`). ``channel_blocks``: compute
+    only the faulty output-channel block of Conv/ConvT/Linear layers where a probe proves it
+    bit-identical ("auto": where also faster, "always", "never"). ``golden`` holds the golden
+    facts; ``strategy_used`` / ``fallback_reason`` say how faults are evaluated.
 
     Example:
         >>> eng = Engine(model, x, ClassificationTask(y), batch_size=32)  # doctest: +SKIP
@@ -79,7 +83,8 @@ class Engine:
                  device: str | torch.device = "cpu", batch_size: int = 64,
                  cache_budget_bytes: int = 2**31, cache_dir: str | Path | None = None,
                  fault_batch: int = 8, early_stop: str | Criterion | None = None,
-                 layers: Sequence[str] | None = None, strategy: str = "auto") -> None:
+                 layers: Sequence[str] | None = None, strategy: str = "auto",
+                 heap_reuse: bool = True, channel_blocks: str = "auto") -> None:
         if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
             raise ConfigError("inputs: expected a tensor (N, ...) with at least one sample")
         if not isinstance(task, Task):
@@ -87,8 +92,10 @@ class Engine:
         for name, v in (("batch_size", batch_size), ("fault_batch", fault_batch)):
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, got {v!r}")
-        if strategy not in ("auto", "full"):
-            raise ConfigError(f"strategy: expected 'auto' or 'full', got {strategy!r}")
+        for name, v, ok in (("strategy", strategy, ("auto", "full")),
+                            ("channel_blocks", channel_blocks, ("auto", "always", "never"))):
+            if v not in ok:
+                raise ConfigError(f"{name}: expected one of {', '.join(ok)}, got {v!r}")
         task.check(int(inputs.shape[0]))
         self.task, self.inputs, self.n = task, inputs, int(inputs.shape[0])
         self.device, self.fault_batch = torch.device(device), fault_batch
@@ -109,20 +116,19 @@ class Engine:
                 self.program = None
                 self.fallback_reason = f"not traceable by torch.fx ({type(exc).__name__}: {msg})"
         self.cache = GoldenCache(self.n, cache_budget_bytes, self.device, cache_dir)
-        self._cache_dir = cache_dir
-        self._block: dict[str, int] = {}
+        self._cache_dir, self._blocks, self._heap_reuse = cache_dir, channel_blocks, heap_reuse
+        self._block: dict[str, int] = {}  # layer -> output-channel block size (0: full)
         self._stop_stats: dict[int, list[int]] = {}
-        with torch.no_grad():
+        with torch.no_grad(), reuse_heap(heap_reuse):
             self._golden_run()
         self.model.train(was_training)
 
-    # ------------------------------------------------------------------ set-up
     def _x(self, a: int, b: int) -> Tensor:
         return pad_rows(self.inputs[a:b].to(self.device, copy=True), self.bs)
 
     def _fresh(self, env: dict[Any, Tensor]) -> dict[Any, Tensor]:
         """``env`` with private copies of values the graph changes in place."""
-        mut = self.program.mutated if self.program is not None else set()
+        mut = self.program.mutated  # type: ignore[union-attr]
         return {k: v.clone() if k in mut else v for k, v in env.items()}
 
     def _golden_run(self) -> None:
@@ -171,13 +177,16 @@ class Engine:
         self._masked_fields = fill_masked(self.golden, self.task).to_dict()
         self.stops = sorted({prog.calls[k] for k, live in self.cuts.items()
                              if all(self.cache.in_memory(v) for v in live)}) if prog else []
+        for layer in self.cuts if self._blocks != "never" else ():  # probe on the 1st chunk
+            node = prog.nodes[prog.calls[layer]]  # type: ignore[union-attr]
+            env = {v: pad_rows(self.cache.read(v, 0, bs), bs) for v in self.cuts[layer]}
+            x = env.get(node.args[0]) if len(node.args) == 1 and not node.kwargs else None
+            self._block[layer] = 0 if x is None else probe_block(
+                prog.gm.get_submodule(layer), x, prog.call(node, env), self._blocks == "auto")
 
-    @property
-    def strategy_used(self) -> str:
-        """"graph" (run from the faulty layer) or "full-forward"."""
-        return "graph" if self.program is not None else "full-forward"
+    strategy_used = property(lambda self: "graph" if self.program else "full-forward",
+                             doc='"graph" (run from the faulty layer) or "full-forward".')
 
-    # ------------------------------------------------------------------ running
     def run(self, faults: Sequence[Fault], progress: Progress | None = None) -> list[Outcome]:
         """Raw :class:`Outcome` of every fault, in the same order.
 
@@ -189,8 +198,8 @@ class Engine:
 
     @property
     def golden_outputs(self) -> Tensor:
-        """Golden model outputs (N, ...) on the CPU."""
-        return self.cache.read(_OUT, 0, self.n).cpu()
+        """Golden model outputs (N, ...): a new CPU tensor."""
+        return self.cache.read(_OUT, 0, self.n).to("cpu", copy=True)
 
     def faulty_outputs(self, faults: Sequence[Fault]) -> list[Tensor]:
         """Faulty model outputs (N, ...) per fault, as the engine computes them (CPU).
@@ -198,8 +207,7 @@ class Engine:
         Example:
             >>> y = eng.faulty_outputs([Fault("bias", "encoder.0", 1, (30,))])[0]  # doctest: +SKIP
         """
-        golden = self.golden_outputs
-        outs = [golden.clone() for _ in faults]
+        outs = [self.golden_outputs for _ in faults]
 
         def capture(idx: np.ndarray, images: np.ndarray, rows: Tensor) -> None:
             for i in np.unique(idx):
@@ -217,7 +225,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), reuse_heap(self._heap_reuse):
                 for i, f in enumerate(faults):
                     if not isinstance(f, Fault):
                         raise ConfigError(f"faults[{i}]: expected a Fault, got "
@@ -246,11 +254,11 @@ class Engine:
 
     def _precheck(self, f: Fault) -> Outcome | None:
         """Exact early exits: stuck-at no-ops and faults leaving the stored value unchanged."""
+        if f.bits[-1] >= self.fmt.bits:
+            raise ConfigError(f"bits: expected 0..{self.fmt.bits - 1} for {self.fmt.name}, "
+                              f"got {f.bits[-1]}")
         if f.target == "activation":
-            module_of(self.model, f.layer)
-            if f.bits[-1] >= self.fmt.bits:
-                raise ConfigError(f"bits: expected 0..{self.fmt.bits - 1} for {self.fmt.name}, "
-                                  f"got {f.bits[-1]}")
+            module_of(self.model, f.layer)  # raises for an unknown layer
             return None
         if self.fmt.name != "fp32" and (f.layer, f.target) not in self.formats:
             raise ConfigError(f"layer: {f.layer}.{f.target} is not stored in {self.fmt.name} "
@@ -364,13 +372,10 @@ class Engine:
         assert self.program is not None
         if f.target == "activation":
             return activation_fault(gold, f, self.fmt), slice(None)
-        module = self.model.get_submodule(f.layer)
-        x = env.get(node.args[0]) if len(node.args) == 1 and not node.kwargs else None
-        if f.layer not in self._block:
-            self._block[f.layer] = probe_block(module, x, gold) if x is not None else 0
-        size = self._block[f.layer]
-        if size and x is not None:
+        size = self._block.get(f.layer, 0)
+        if size:
             _, new, _ = faulty_value(self.model, f, self._format(f))
+            module = self.model.get_submodule(f.layer)
             lo, hi, blk = block_forward(module, f, new, self._fresh(env)[node.args[0]], size)
             out = gold.clone()
             out[:, lo:hi] = blk

@@ -32,7 +32,8 @@ _INPLACE_FNS = {getattr(operator, n) for n in dir(operator)
                 if n.startswith("i") and n[1:] in dir(operator) and n != "index"}
 _VIEWS = {"view", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze",
           "expand", "narrow", "select", "unflatten", "view_as", "reshape_as", "t",
-          "__getitem__", "getitem", "chunk", "split", "unbind", "contiguous"}
+          "__getitem__", "getitem", "chunk", "split", "unbind", "contiguous", "to", "float",
+          "type_as", "detach", "movedim", "swapaxes", "as_strided", "diagonal", "real"}
 
 
 class _Tracer(fx.Tracer):

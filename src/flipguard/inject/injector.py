@@ -226,44 +226,50 @@ def _call_block(module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Te
     return F.linear(x, w, b)
 
 
-def probe_block(module: nn.Module, x: Tensor, gold: Tensor) -> int:
-    """Fastest output-channel block size (8/16/32/64) whose per-block layer outputs on input
-    ``x`` are all bit-identical to the full layer output ``gold``, if a block plus copying
-    ``gold`` is clearly cheaper than the full layer; else 0 (also for modules other than
-    groups=1 Conv/ConvTranspose and 2-D Linear). Kernels are picked by shape, so one probe
-    on real data decides for every later weight value; timing only picks between exact
-    options."""
+def probe_block(module: nn.Module, x: Tensor, gold: Tensor, timed: bool = True) -> int:
+    """Output-channel block size (8/16/32/64) for computing a faulty weight/bias's channels
+    only: the block outputs on input ``x`` must be bit-identical to the full layer output
+    ``gold`` (every block of the chosen size is checked; kernels are picked by shape, so
+    this decides for every later weight value) and, when ``timed``, a block plus copying
+    ``gold`` must be clearly cheaper than the full layer (``timed=False``: the smallest exact
+    size).
+    0 when none, and for modules other than groups=1 Conv/ConvTranspose and 2-D Linear."""
     if isinstance(module, nn.Linear):
         if x.dim() != 2:
             return 0
     elif not isinstance(module, _CONV + _CONVT) or getattr(module, "groups", 1) != 1:
         return 0
-    c, best, best_t = gold.shape[1], 0, _timed(lambda: module(x)) - _timed(gold.clone)
+    c, best = gold.shape[1], 0
+    best_t = _timed(lambda: module(x)) - _timed(gold.clone) if timed else float("inf")
     for size in (8, 16, 32, 64):
         if 2 * size > c:
             break
-        try:
-            ok = all(bool(same_rows(_call_block(module, x, *_block_params(module, lo, lo + size)),
-                                    gold[:, lo : lo + size]).all()) for lo in range(0, c, size))
-        except RuntimeError:  # a backend without this shape: try the next size
+        if not _exact(module, x, gold, size, sorted({0, (c - 1) // size * size})):
             continue
-        if ok:
-            t = _timed(lambda size=size: _call_block(module, x, *_block_params(module, 0, size)))
-            if t < 0.8 * best_t:
-                best, best_t = size, t
-    return best
+        if not timed:
+            best = size
+            break
+        t = _timed(lambda size=size: _call_block(module, x, *_block_params(module, 0, size)))
+        if t < 0.8 * best_t:
+            best, best_t = size, t
+    return best if best and _exact(module, x, gold, best, range(0, c, best)) else 0
+
+
+def _exact(module: nn.Module, x: Tensor, gold: Tensor, size: int, starts: Any) -> bool:
+    try:
+        return all(bool(same_rows(_call_block(module, x, *_block_params(module, lo, lo + size)),
+                                  gold[:, lo : lo + size]).all()) for lo in starts)
+    except RuntimeError:  # a backend without this shape
+        return False
 
 
 def _timed(fn: Any) -> float:
-    """Best of two timings of ``fn()`` in seconds."""
+    """Seconds one call of ``fn()`` takes."""
     import time
 
-    best = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def block_forward(module: nn.Module, fault: Fault, new: Tensor, x: Tensor, size: int

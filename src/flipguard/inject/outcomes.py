@@ -111,6 +111,13 @@ class Golden:
     facts: np.ndarray | None = field(default=None, repr=False)  # scores | top-1 predictions
     labels: np.ndarray | None = field(default=None, repr=False)
 
+    @property
+    def decisions(self) -> np.ndarray | None:
+        """Detection: per-image golden decisions (True = anomalous); else None."""
+        if self.kind != "detection" or self.facts is None:
+            return None
+        return decisions(self.facts, float(self.threshold or 0.0))
+
     def to_dict(self) -> dict[str, Any]:
         """Scalar fields only (JSON-friendly)."""
         return {f.name: getattr(self, f.name) for f in fields(self)

@@ -44,6 +44,7 @@ from flipguard.ra.proposal import (
     PilotProposal,
     Proposal,
     ProposalContext,
+    SiteWeightProposal,
     bit_sensitivity,
     defensive,
     make_proposal,
@@ -59,7 +60,8 @@ __all__ = [
     "GEMM_TYPES", "HardwareModel", "Layer", "LayerGraph", "MemoryModel", "UniformModel",
     "analyse", "build_exposure", "parse_hardware",
     "PROPOSALS", "BitFieldProposal", "GradientProposal", "PilotProposal", "Proposal",
-    "ProposalContext", "bit_sensitivity", "defensive", "make_proposal", "register_proposal",
+    "ProposalContext", "SiteWeightProposal", "bit_sensitivity", "defensive", "make_proposal",
+    "register_proposal",
     "STORE_FILE", "CachedEvaluator", "RAStore", "RAStoreError",
     "SystolicConfig", "SystolicModel", "load_systolic",
 ]

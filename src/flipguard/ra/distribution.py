@@ -88,9 +88,10 @@ class Term:
         return cls(shape, float(value))
 
     @classmethod
-    def axis(cls, shape: Sequence[int], axis: int, factor: np.ndarray,
+    def axis(cls, shape: Sequence[int], axis: int, factor: np.ndarray | None,
              classes: np.ndarray | None = None, table: np.ndarray | float = 1.0) -> Term:
-        """Weight ``factor[c_axis]`` (times ``table[classes[c_axis]]``) along one axis."""
+        """Weight ``factor[c_axis]`` (None: 1) times ``table[classes[c_axis]]`` along one
+        axis."""
         nd = len(shape)
         cl: list[np.ndarray | None] = [None] * nd
         fa: list[np.ndarray | None] = [None] * nd
@@ -141,48 +142,77 @@ class Term:
 
 @dataclass
 class Block:
-    """Sites of one target tensor: element weights (sum of ``terms``) x ``bit_weights``."""
+    """Sites of one target tensor: element weights (sum of ``terms``) x ``bit_weights``.
+
+    ``bit_terms`` (optional) gives other element weights for some bits (per-site weights,
+    e.g. from a criticality predictor): bit ``b`` then weighs ``bit_weights[b] * e_b``.
+    """
 
     target: str
     layer: str
     shape: tuple[int, ...]
     bit_weights: np.ndarray
     terms: list[Term]
+    bit_terms: dict[int, list[Term]] | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
         self.bit_weights = np.asarray(self.bit_weights, dtype=np.float64)
         self.numel = math.prod(self.shape)
-        for t in self.terms:
+        extra = [t for ts in (self.bit_terms or {}).values() for t in ts]
+        for t in self.terms + extra:
             if math.prod(t.shape) != self.numel:
                 raise ConfigError(f"block {self.target}:{self.layer}: term view {t.shape} "
                                   f"does not match {self.numel} elements")
         self.terms = [t for t in self.terms if t.mass > 0]
+        self.bit_terms = {int(b): [t for t in ts if t.mass > 0]
+                          for b, ts in (self.bit_terms or {}).items()}
         self.element_mass = float(sum(t.mass for t in self.terms))
-        self.mass = self.element_mass * float(self.bit_weights.sum())
+        self.bit_mass = self.bit_weights * np.array(
+            [sum(t.mass for t in self.terms_of(b)) for b in range(self.bit_weights.size)])
+        self.mass = float(self.bit_mass.sum())
 
     @property
     def key(self) -> Key:
         return (self.target, self.layer)
 
-    def element_weights(self, index: np.ndarray) -> np.ndarray:
-        """Element weight ``e(index)`` (sum over terms)."""
+    def terms_of(self, bit: int) -> list[Term]:
+        """Element-weight terms of ``bit``."""
+        return self.bit_terms.get(int(bit), self.terms) if self.bit_terms else self.terms
+
+    def element_weights(self, index: np.ndarray, bit: int | None = None) -> np.ndarray:
+        """Element weight ``e(index)`` (of ``bit`` when the block has per-bit terms)."""
         out = np.zeros(len(np.atleast_1d(index)))
-        for t in self.terms:
+        for t in self.terms if bit is None else self.terms_of(bit):
             out += t.values(index)
+        return out
+
+    def site_weights(self, index: np.ndarray, bit: np.ndarray) -> np.ndarray:
+        """Unnormalised weight of sites ``(index, bit)``."""
+        if not self.bit_terms:
+            return self.element_weights(index) * self.bit_weights[bit]
+        out = np.zeros(len(index))
+        for b in np.unique(bit):
+            sel = bit == b
+            out[sel] = self.element_weights(index[sel], int(b)) * self.bit_weights[b]
         return out
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` (index, bit) pairs from this block."""
-        masses = np.array([t.mass for t in self.terms])
-        which = rng.choice(len(masses), size=n, p=masses / masses.sum())
+        bm = self.bit_mass
+        bits = rng.choice(bm.size, size=n, p=bm / bm.sum()).astype(np.int64)
         idx = np.empty(n, np.int64)
-        for i, t in enumerate(self.terms):
-            sel = np.flatnonzero(which == i)
-            if sel.size:
-                idx[sel] = t.sample(rng, sel.size)
-        bw = self.bit_weights
-        return idx, rng.choice(bw.size, size=n, p=bw / bw.sum()).astype(np.int64)
+        groups = [(None, np.arange(n))] if not self.bit_terms else [
+            (int(b), np.flatnonzero(bits == b)) for b in np.unique(bits)]
+        for b, rows in groups:
+            terms = self.terms if b is None else self.terms_of(b)
+            masses = np.array([t.mass for t in terms])
+            which = rng.choice(len(masses), size=rows.size, p=masses / masses.sum())
+            for i, t in enumerate(terms):
+                sel = rows[which == i]
+                if sel.size:
+                    idx[sel] = t.sample(rng, sel.size)
+        return idx, bits
 
 
 @dataclass
@@ -286,7 +316,7 @@ class SiteDistribution(Distribution):
             ok = (bits >= 0) & (bits < b.bit_weights.size) & (sites.index[sel] >= 0) & (
                 sites.index[sel] < b.numel)
             vals = np.zeros(sel.size)
-            vals[ok] = b.element_weights(sites.index[sel][ok]) * b.bit_weights[bits[ok]]
+            vals[ok] = b.site_weights(sites.index[sel][ok], bits[ok])
             out[sel] = vals / self.total
         return out
 
@@ -308,10 +338,9 @@ class SiteDistribution(Distribution):
             b = self.block(*ob.key)
             if b is None or b.numel != ob.numel or b.bit_weights.size != ob.bit_weights.size:
                 return False
-            if ((ob.bit_weights > 0) & (b.bit_weights <= 0)).any():
-                return False
-            if sum(t.lower_bound() for t in b.terms) <= 0:
-                return False
+            for bit in np.flatnonzero(ob.bit_mass > 0):
+                if b.bit_weights[bit] <= 0 or sum(t.lower_bound() for t in b.terms_of(bit)) <= 0:
+                    return False
         return True
 
     def enumerate(self, limit: int = 2_000_000) -> tuple[Sites, np.ndarray]:

@@ -202,7 +202,7 @@ class RAConfig:
     estimator: str = "mc"
     proposal: str = "pilot"
     alpha: float = 0.2
-    pilot: int = 4
+    pilot: int = 2
     target_margin: float = 0.01
     confidence: float = 0.95
     max_samples: int = 5000
@@ -212,6 +212,27 @@ class RAConfig:
     targets: tuple[str, ...] = ("weight", "activation")
     fmt: str = "fp32"
     layers: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        """Raise a one-line ConfigError for a bad setting (before any work is done)."""
+        from flipguard.ra.exposure import RA_TARGETS, parse_hardware
+        from flipguard.ra.proposal import PROPOSALS
+
+        if self.estimator not in ("mc", "is"):
+            raise ConfigError(f"--estimator: expected 'mc' or 'is', got {self.estimator!r}")
+        bad = [t for t in self.targets if t not in RA_TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(f"--targets: expected items of {', '.join(RA_TARGETS)}, got "
+                              f"{bad[0] if bad else 'nothing'!r}")
+        if self.estimator == "is" and self.proposal not in PROPOSALS:
+            raise ConfigError(f"--proposal: expected one of {', '.join(PROPOSALS)}, got "
+                              f"{self.proposal!r}")
+        if not 0 < self.alpha <= 1:
+            raise ConfigError(f"--alpha: expected a value in (0, 1], got {self.alpha}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"--confidence: expected a value in (0, 1), got {self.confidence}")
+        _check(self.target_margin, self.max_samples, self.min_samples, self.batch)
+        parse_hardware(self.hardware)
 
     def stream_info(self, hardware_config: dict[str, Any], proposal: dict[str, Any] | None
                     ) -> dict[str, Any]:
@@ -244,8 +265,7 @@ def resiliency_accuracy(engine: Any, cfg: RAConfig, store: Any | None = None,
     from flipguard.ra.proposal import ProposalContext, defensive, make_proposal
     from flipguard.ra.store import CachedEvaluator
 
-    if cfg.estimator not in ("mc", "is"):
-        raise ConfigError(f"--estimator: expected 'mc' or 'is', got {cfg.estimator!r}")
+    cfg.validate()
     hw = parse_hardware(cfg.hardware)
     p = build_exposure(engine.model, engine.inputs[:1], hw, cfg.targets, cfg.fmt, cfg.layers)
     base = EngineEvaluator(engine)

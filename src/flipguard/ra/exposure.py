@@ -44,7 +44,15 @@ GEMM_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CO
 RA_TARGETS = ("weight", "bias", "activation")
 _PERMUTING = {"permute", "transpose", "t", "flip", "roll", "movedim", "swapaxes", "rot90",
               "swapdims", "fliplr", "flipud"}
+_STRUCTURAL = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"}
 Key = tuple[str, str]
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return ""
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
 @dataclass
@@ -52,11 +60,14 @@ class Use:
     """A read of a layer's output: by layer ``consumer`` (``len(layers)``: the host reads the
     network output). ``exact``: the consumer's input holds the producer's elements in their
     own layout (only element-wise ops and views in between); ``ratio``: input numel / output
-    numel of the producer (per sample)."""
+    numel of the producer (per sample); ``reads`` False: an op combining it with another
+    tensor (e.g. a residual add) fused into layer ``consumer``'s output stage, which ends the
+    value's life there without array reads."""
 
     consumer: int
     exact: bool
     ratio: float = 1.0
+    reads: bool = True
 
 
 @dataclass
@@ -152,26 +163,35 @@ def _fx_graph(model: nn.Module, x: Tensor) -> LayerGraph:
             seen.add(name)
             gemm[node] = len(layers)
             layers.append(_make_layer(name, mods[name], _shape(node.args[0]), _shape(node)))
-    out_numel = 0
+    last_gemm, cur_gemm = {}, 0
+    for node in gm.graph.nodes:
+        cur_gemm = gemm.get(node, cur_gemm)
+        last_gemm[node] = cur_gemm
     for node, i in gemm.items():
         own = _numel(node)
-        found: dict[int, Use] = {}
+        found: dict[tuple[int, bool], Use] = {}
         stack, visited = [(node, True)], {node}
         while stack:
             cur, exact = stack.pop()
             for u in cur.users:
+                name = _op_name(u)
+                data_in = [a for a in u.all_input_nodes if a.op != "get_attr"]
                 if u in gemm or u.op == "output":
-                    pos = gemm.get(u, len(layers))
+                    pos, reads = gemm.get(u, len(layers)), True
                     inp = _numel(u.args[0]) if u in gemm else _numel(cur)
                     ex = exact and inp == own and (u.op == "output" or u.args[0] is cur)
-                    ratio = (inp / own) if inp and own else 1.0
-                    prev = found.get(pos)
-                    found[pos] = Use(pos, ex and (prev is None or prev.exact), ratio)
-                elif u not in visited:
-                    visited.add(u)
-                    name = str(u.target).split(".")[-1] if u.op != "call_module" else ""
-                    stack.append((u, exact and _numel(u) == own and name not in _PERMUTING))
-        layers[i].uses = sorted(found.values(), key=lambda use: use.consumer)
+                elif len(data_in) > 1 and name not in _STRUCTURAL:
+                    pos, reads, inp, ex = last_gemm[u], False, _numel(cur), False
+                else:
+                    if u not in visited:
+                        visited.add(u)
+                        stack.append((u, exact and _numel(u) == own and name not in _PERMUTING))
+                    continue
+                ratio = (inp / own) if inp and own else 1.0
+                prev = found.get((pos, reads))
+                found[(pos, reads)] = Use(pos, ex and (prev is None or prev.exact), ratio, reads)
+        layers[i].uses = sorted(found.values(), key=lambda use: (use.consumer, use.reads))
+    out_numel = 0
     for node in gm.graph.nodes:
         if node.op == "output":
             outs = [a for a in node.all_input_nodes]
@@ -218,8 +238,9 @@ def analyse(model: nn.Module, example_input: Tensor) -> LayerGraph:
     model.eval()
     try:
         try:
-            graph = _hook_graph(model, x) if isinstance(model, GEMM_TYPES) else _fx_graph(
-                model, x)
+            with torch.no_grad():
+                graph = _hook_graph(model, x) if isinstance(model, GEMM_TYPES) else _fx_graph(
+                    model, x)
         except ConfigError:
             raise
         except Exception:  # noqa: BLE001 - untraceable models fall back to hooks

@@ -11,9 +11,9 @@ Built in (registry :data:`PROPOSALS`, extend with :func:`register_proposal`):
 * ``pilot`` - a short pilot of ``n`` faults per (tensor, bit group) stratum drawn from ``P``
   measures the mean |accuracy drop| of each stratum; ``h`` gives each stratum ``P``-mass x
   (that mean + a floor), bits inside a group by ``beta``;
-* ``gradient`` - ``h ~ P x s(element) x beta(bit)`` with first-order sensitivities
-  ``s = |value x d loss / d value|`` (cross-entropy for classifiers, reconstruction MSE for
-  detectors), on a per-element array for tensors up to ``DENSE_CAP`` elements.
+* ``gradient`` - ``h ~ P x (s/mean s + 0.1)^0.5 x beta(bit)`` with first-order
+  sensitivities ``s = |value x d loss / d value|`` (cross-entropy for classifiers,
+  reconstruction MSE for detectors), per element for tensors up to ``DENSE_CAP`` elements.
 
 >>> q = defensive(p, BitFieldProposal().heuristic(p, ProposalContext()), 0.2)  # doctest: +SKIP
 """
@@ -34,8 +34,8 @@ from flipguard.faults import FloatFormat, NumberFormat, get_format
 from flipguard.ra.distribution import Block, Mixture, SiteDistribution, Sites, Term
 
 __all__ = ["ProposalContext", "Proposal", "BitFieldProposal", "PilotProposal",
-           "GradientProposal", "PROPOSALS", "register_proposal", "make_proposal", "defensive",
-           "bit_sensitivity"]
+           "GradientProposal", "SiteWeightProposal", "PROPOSALS", "register_proposal",
+           "make_proposal", "defensive", "bit_sensitivity"]
 
 DENSE_CAP = 1 << 22
 
@@ -119,7 +119,7 @@ class PilotProposal(Proposal):
 
     name = "pilot"
 
-    def __init__(self, n: int = 4, floor: float = 0.05) -> None:
+    def __init__(self, n: int = 2, floor: float = 0.05) -> None:
         if n < 1:
             raise ConfigError(f"--pilot: expected a positive count, got {n}")
         self.n, self.floor = int(n), float(floor)
@@ -162,15 +162,18 @@ class PilotProposal(Proposal):
 
 
 class GradientProposal(Proposal):
-    """``h ~ P x |value x gradient| x beta(bit)`` from one backward pass."""
+    """``h ~ P x (s / mean s + floor) ** power x beta(bit)``, ``s = |value x gradient|`` from
+    one backward pass (tempered: a flip of the top exponent bit is critical whatever the
+    gradient, so first-order sensitivity alone is too peaked)."""
 
     name = "gradient"
 
-    def __init__(self, images: int = 32) -> None:
-        self.images = int(images)
+    def __init__(self, images: int = 32, power: float = 0.5, floor: float = 0.1) -> None:
+        self.images, self.power, self.floor = int(images), float(power), float(floor)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "images": self.images}
+        return {"name": self.name, "images": self.images, "power": self.power,
+                "floor": self.floor}
 
     def heuristic(self, p: SiteDistribution, ctx: ProposalContext) -> SiteDistribution:
         if ctx.model is None or ctx.inputs is None:
@@ -185,9 +188,44 @@ class GradientProposal(Proposal):
                 scale = float(s.mean()) if s is not None else 1.0
                 blocks.append(Block(b.target, b.layer, b.shape, bw * scale, b.terms))
                 continue
-            e = b.element_weights(np.arange(b.numel)) * (s.reshape(-1) + 1e-3 * s.mean()
-                                                         + 1e-30)
+            rel = s.reshape(-1) / max(float(s.mean()), 1e-30)
+            e = b.element_weights(np.arange(b.numel)) * (rel + self.floor) ** self.power
             blocks.append(Block(b.target, b.layer, b.shape, bw, [Term.full(e.reshape(b.shape))]))
+        return SiteDistribution(blocks, name=self.name)
+
+
+class SiteWeightProposal(Proposal):
+    """``h ~ P x weight(site)``: plugs in any per-stratum or per-site criticality weights
+    (e.g. a predictor's class priors). ``weights(target, layer, bit, numel)`` returns a
+    float (the whole (tensor, bit) stratum), an array of ``numel`` per-element weights for
+    that bit, or None (weight 1).
+
+    >>> prior = lambda t, layer, bit, n: 10.0 if bit == 30 else None
+    >>> register_proposal("bit30", lambda: SiteWeightProposal(prior))  # doctest: +SKIP
+    """
+
+    name = "site-weights"
+
+    def __init__(self, weights: Callable[[str, str, int, int], Any],
+                 name: str = "site-weights") -> None:
+        self.weights, self.name = weights, name
+
+    def heuristic(self, p: SiteDistribution, ctx: ProposalContext) -> SiteDistribution:
+        blocks = []
+        for b in p.blocks:
+            bw, bit_terms, base = b.bit_weights.copy(), {}, None
+            for bit in range(bw.size):
+                w = self.weights(b.target, b.layer, bit, b.numel)
+                if w is None:
+                    continue
+                if np.ndim(w) == 0:
+                    bw[bit] *= float(w)
+                    continue
+                if base is None:
+                    base = b.element_weights(np.arange(b.numel))
+                arr = np.asarray(w, dtype=np.float64).reshape(-1)
+                bit_terms[bit] = [Term.full((base * arr).reshape(b.shape))]
+            blocks.append(Block(b.target, b.layer, b.shape, bw, b.terms, bit_terms or None))
         return SiteDistribution(blocks, name=self.name)
 
 

@@ -1,26 +1,13 @@
 """Systolic-array exposure model: live cycles of every value in PE registers and buffers.
 
-Every Conv/ConvTranspose/Linear layer is lowered to GEMMs ``O[M,N] = W[M,K] @ X[K,N]`` (see
-:class:`flipguard.ra.exposure.Layer`), tiled onto an R x C array and run back to back, groups
-one after another. A value counts from when it is written into a register or buffer until it
-is read there for the last time (ACE lifetime); registers holding dead values do not count.
-
-* weight-stationary (rows = K, cols = M, loop M-tile > K-tile): a tile loads in ``Kt``
-  cycles (a weight for row r passes r+1 registers), then X streams through
-  (``N + Kt + Mt - 2`` cycles): weight (r, c) lives ``N + 2r + c`` register cycles, an
-  X entry one cycle per column it crosses (M in all), a partial sum one cycle per row (K in
-  all) and in the output buffer between K-tiles ``N + Mt - 2 + Kt'`` cycles;
-* input-stationary: the same with the roles of (W, M) and (X, N) swapped;
-* output-stationary (rows = M, cols = N, loop M-tile > N-tile): W and X stream through
-  (N resp. M register cycles per value), output (i, j) accumulates in PE (i, j) and drains
-  down the column: ``K + (Nt-1-j) + 2(Mt-1-i)`` register cycles.
-
-Buffers at layer granularity: weights stay in the weight buffer the whole layer when the
-layer's weights fit, else only during the tiles that use them; a finished output stays in
-the output buffer until its layer ends, then in the activation buffer until its last reader
-ends when it fits (else it is staged only while each reader runs). Partial sums count with
-``accumulator_bits / format bits``. The host reads the network output in
-``ceil(numel / cols)`` cycles.
+Each Conv/ConvTranspose/Linear layer is lowered to GEMMs ``O[M,N] = W[M,K] @ X[K,N]``, tiled
+onto an R x C array (weight-, output- or input-stationary) and run back to back. A value
+counts from its write into a register or buffer until its last read there (ACE lifetime):
+e.g. weight-stationary, weight (r, c) of a tile lives ``N + 2r + c`` register cycles, an X
+entry one cycle per column it crosses, a partial sum one per row plus ``N + Mt - 2 + Kt'``
+output-buffer cycles between K-tiles. Buffers are tracked per layer; partial sums count with
+``accumulator_bits / format bits``. The full model and its assumptions:
+docs/resiliency-accuracy.md ("systolic").
 
 >>> cfg = load_systolic(None)
 >>> cfg.rows, cfg.dataflow
@@ -46,10 +33,9 @@ from flipguard.ra.exposure import HardwareModel, Layer, LayerGraph
 __all__ = ["SystolicConfig", "SystolicModel", "load_systolic", "DEFAULT_TOML", "DATAFLOWS"]
 
 DEFAULT_TOML = Path(__file__).parent / "hardware" / "default_systolic.toml"
-DATAFLOWS = {"weight-stationary": "ws", "output-stationary": "os", "input-stationary": "is",
-             "ws": "ws", "os": "os", "is": "is"}
 _LONG = {"ws": "weight-stationary", "os": "output-stationary", "is": "input-stationary"}
-DENSE_CAP = 1 << 22  # largest per-element array kept for one tensor
+DATAFLOWS = {**{v: k for k, v in _LONG.items()}, **{k: k for k in _LONG}}
+DENSE_CAP = 1 << 22  # largest per-element array kept for one tensor (IS reads, col2im)
 
 
 @dataclass(frozen=True)
@@ -65,6 +51,12 @@ class SystolicConfig:
     accumulator_bits: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(FORMAT_NAMES, 32))
     source: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1 or self.dataflow not in DATAFLOWS:
+            raise ConfigError(f"systolic: expected rows, cols >= 1 and a dataflow in "
+                              f"{', '.join(_LONG.values())}, got {self.rows}, {self.cols}, "
+                              f"{self.dataflow!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -91,25 +83,18 @@ def _toml(path: Path) -> dict[str, Any]:
 
 
 def _check(path: Path, where: str, value: Any, kind: str) -> Any:
-    bad = f"{path}: field '{where}': expected "
-    if kind == "count":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(bad + f"a positive integer, got {value!r}")
-    elif kind in ("positive", "size"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-        if not ok or value < 0 or (kind == "positive" and value == 0):
-            raise ConfigError(bad + f"a {'positive' if kind == 'positive' else 'non-negative'} "
-                              f"number, got {value!r}")
-        value = float(value)
-    elif kind == "dataflow":
-        if value not in DATAFLOWS:
-            raise ConfigError(bad + f"one of weight-stationary, output-stationary, "
-                              f"input-stationary, got {value!r}")
-        value = _LONG[DATAFLOWS[value]]
-    elif kind == "bits":
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-            raise ConfigError(bad + f"an integer number of bits in 1..64, got {value!r}")
-    return value
+    num = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok, want = {
+        "count": (num and isinstance(value, int) and value >= 1, "a positive integer"),
+        "positive": (num and value > 0, "a positive number"),
+        "size": (num and value >= 0, "a non-negative number"),
+        "dataflow": (value in DATAFLOWS, "one of " + ", ".join(_LONG.values())),
+        "bits": (num and isinstance(value, int) and 1 <= value <= 64, "bits in 1..64"),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{path}: field '{where}': expected {want}, got {value!r}")
+    return _LONG[DATAFLOWS[value]] if kind == "dataflow" else (
+        float(value) if kind in ("positive", "size") else value)
 
 
 _SCHEMA = {"array": {"rows": "count", "cols": "count", "dataflow": "dataflow",
@@ -161,10 +146,7 @@ def _loc(n_global: int, n_local: int, tile: int):
 
 
 def _cls(shape: tuple[int, ...], axis: int, classes: np.ndarray, table: np.ndarray) -> Term:
-    cl: list[np.ndarray | None] = [None] * len(shape)
-    cl[axis] = classes
-    tab = np.asarray(table, float).reshape((1,) * axis + (-1,) + (1,) * (len(shape) - axis - 1))
-    return Term(shape, tab, cl)
+    return Term.axis(shape, axis, None, classes, table)
 
 
 def _fac(shape: tuple[int, ...], axis: int, factor: np.ndarray) -> Term:
@@ -178,17 +160,13 @@ def _counts(n_in: int, n_out: int, k: int, s: int, p: int, d: int) -> np.ndarray
 
 
 def _conv_geom(layer: Layer) -> list[tuple[int, int, int, int, int, int]]:
-    m = layer.module
-    nd = len(m.kernel_size)
-    pads = m.padding
-    out = []
-    for d in range(nd):
+    """(in, out, kernel, stride, padding, dilation) of each spatial axis of a conv."""
+    m, out = layer.module, []
+    for d in range(len(m.kernel_size)):
         n_in, n_out = layer.in_shape[1 + d], layer.out_shape[1 + d]
         k, s, dl = m.kernel_size[d], m.stride[d], m.dilation[d]
-        if isinstance(pads, str):  # "same" / "valid"
-            p = 0 if pads == "valid" else ((n_out - 1) * s + dl * (k - 1) + 1 - n_in) // 2
-        else:
-            p = pads[d]
+        p = m.padding[d] if not isinstance(m.padding, str) else 0 if m.padding == "valid" \
+            else ((n_out - 1) * s + dl * (k - 1) + 1 - n_in) // 2  # "same"
         out.append((n_in, n_out, k, s, p, dl))
     return out
 
@@ -336,10 +314,9 @@ class _Schedule:
 
     def input_total(self) -> float:
         """Register cycles summed over every input element (all entries)."""
-        ly = self.ly
-        if ly.kind != "conv":
-            return self.entry_mean() * math.prod(ly.in_shape)
-        reads = ly.in_shape[0] * math.prod(float(_counts(*g).sum()) for g in _conv_geom(ly))
+        ly, reads = self.ly, math.prod(self.ly.in_shape)
+        if ly.kind == "conv":
+            reads = ly.in_shape[0] * math.prod(float(_counts(*g).sum()) for g in _conv_geom(ly))
         return self.entry_mean() * reads
 
 
@@ -356,11 +333,7 @@ def _convT_output(sched: _Schedule) -> list[Term]:
 
 
 class SystolicModel(HardwareModel):
-    """Exposure of an R x C systolic array (see module docstring).
-
-    >>> SystolicModel(load_systolic()).spec
-    'systolic'
-    """
+    """Exposure of an R x C systolic array, e.g. ``SystolicModel(load_systolic("hw.toml"))``."""
 
     name = "systolic"
 
@@ -401,18 +374,17 @@ class SystolicModel(HardwareModel):
             ends_of = [ends[u.consumer] if u.consumer < len(scheds) else total
                        for u in layer.uses]
             durs = [scheds[u.consumer].T if u.consumer < len(scheds) else readout
-                    for u in layer.uses]
+                    for u in layer.uses if u.reads]
             buf = (max(ends_of) - ends[i] if on_chip else sum(durs)) if layer.uses else 0.0
             terms.append(Term.const(layer.out_shape, buf))
             for u in layer.uses:
-                if u.consumer >= len(scheds):
+                if u.consumer >= len(scheds) or not u.reads:
                     continue
                 reader = scheds[u.consumer]
                 exact = u.exact and math.prod(reader.ly.in_shape) == numel
                 got = reader.input_terms() if exact else None
-                if got is None:
-                    got = [Term.const(layer.out_shape, reader.input_total() / numel)]
-                terms += got
+                mean = reader.input_total() / math.prod(reader.ly.in_shape)  # not aligned
+                terms += got if got is not None else [Term.const(layer.out_shape, mean)]
             out[("activation", layer.name)] = terms
         return out
 
@@ -421,8 +393,7 @@ class SystolicModel(HardwareModel):
 
     def info(self, graph: LayerGraph) -> dict[str, Any]:
         scheds = self.schedules(graph)
-        ends, total = self.timeline(graph, scheds)
+        total = self.timeline(graph, scheds)[1]
         return {"cycles": total, "latency_s": total / (self.cfg.clock_mhz * 1e6),
-                "layer_cycles": {ly.name: s.T for ly, s in zip(graph.layers, scheds,
-                                                               strict=True)}}
+                "layer_cycles": {s.ly.name: s.T for s in scheds}}
 
