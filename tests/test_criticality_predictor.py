@@ -196,3 +196,40 @@ def test_stratum_classes_follow_planner_order_and_persist(tmp_path):
     with pytest.raises(Exception, match="kinds"):
         Predictor.build(net, x, task, "any-flip", targets=("activation",),
                         layers=["0"]).rho("0", "activation", kinds=["flip", "stuck-at-1"])
+
+
+def test_ra_proposal_is_the_predictor_and_reduces_is_variance():
+    from flipguard.inject import Engine
+    from flipguard.ra import EngineEvaluator, ProposalContext, build_exposure, defensive
+    from flipguard.ra.proposal import CriticalityProposal, make_proposal
+
+    g = torch.Generator().manual_seed(2)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    for prm in net.parameters():
+        nn.init.normal_(prm, std=0.7, generator=g)
+    x = torch.randn(16, 4, generator=g)
+    labels = net(x).argmax(1).detach().numpy()
+    labels[:2] = (labels[:2] + 1) % 3
+    net.eval()
+    engine = Engine(net, x, ClassificationTask(labels))
+    evaluate = EngineEvaluator(engine)
+    p = build_exposure(net, x[:1], "uniform", targets=("weight",))
+    ctx = ProposalContext(net, x, labels, "classification", evaluate,
+                          evaluate.golden_accuracy)
+    assert isinstance(make_proposal("criticality"), CriticalityProposal)
+    h = CriticalityProposal().heuristic(p, ctx)
+    sites, prob = p.enumerate()
+    pred = Predictor.build(net, x, ClassificationTask(labels), "accuracy-drop:0.01")
+    w = np.concatenate([pred.site_weights(*key, sites.index[sites.block == i],
+                                          sites.bit[sites.block == i])
+                        for i, key in enumerate(sites.keys)])
+    order = np.concatenate([np.flatnonzero(sites.block == i) for i in range(len(sites.keys))])
+    ratio = h.prob(sites)[order] / prob[order]
+    np.testing.assert_allclose(ratio / w, (ratio / w)[0], rtol=1e-9)  # h ∝ P x π(class)
+    drop = evaluate.golden_accuracy - evaluate(sites)  # exhaustive ground truth
+    q = defensive(p, h, 0.2).prob(sites)
+    assert (q > 0).all()  # covers P: the IS estimator stays unbiased
+    mean = float((prob * drop).sum())
+    var_mc = float((prob * drop ** 2).sum()) - mean ** 2
+    var_is = float((prob ** 2 * drop ** 2 / q).sum()) - mean ** 2
+    assert mean > 0 and var_is < 0.5 * var_mc

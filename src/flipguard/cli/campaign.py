@@ -174,8 +174,8 @@ def run_cmd(
     limit: int | None = typer.Option(None, "--limit", min=0, help="Run at most K faults."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard an existing campaign store."),
     refine: bool = typer.Option(False, "--refine", help="Top strata up to the margin using "
-                                "the observed p (iterative refinement; stratified: "
-                                "sequential mode)."),
+                                "the observed p (iterative refinement; always on for "
+                                "--sampling stratified)."),
     criterion: str = O_CRIT, sampling: str = O_SAMPLING,
     target_margin: float | None = O_TMARGIN,
     chunk: int = typer.Option(32, "--chunk", min=1, help="Faults per engine batch."),
@@ -226,8 +226,8 @@ def run_cmd(
             summary = {**res, "ran": summary["ran"] + res["ran"]}
             if left is not None:
                 left -= res["ran"]
-            audit_only = cfg.sampling == "stratified" and store.get_meta("rounds", 0) < 1
-            if not (refine or audit_only) or store.pending(limit=1) or (
+            stratified = cfg.sampling == "stratified"  # audit, allocation, top-ups
+            if not (refine or stratified) or store.pending(limit=1) or (
                     left is not None and left <= 0):
                 break
             added = rn.refine(store, factory.model(), criterion)

@@ -1,23 +1,14 @@
 """Cheap criticality predictor for every fault site, computed once per model and dataset.
 
-For image ``i`` with golden fact ``s_i`` (a detector's anomaly score; a classifier's logit
-margin of its golden class) and decision threshold ``θ`` (0 for classifiers), the signed
-margin is ``m_i = θ - s_i``. To first order a fault moving a value ``v`` by ``Δ`` changes
-``s_i`` by ``Δ ∂s_i/∂v``, which flips the decision of image ``i`` iff ``Δ r_i > 1`` with
-``r_i = (∂s_i/∂v) / m_i``. The criterion needs ``k`` flips (``accuracy-drop:δ``: ``k =
-floor(δ N) + 1`` flips of correctly decided images; ``any-flip``, ``auroc-drop``,
-``mismatch``: ``k = 1``, resp. ``floor(δ N) + 1``, over all images), so a site's
-*criticality ratio* is ``ρ = k-th largest_i Δ r_i`` (``ρ >= 1``: first order predicts a
-critical fault). Per weight element only ``R+ = k-th largest r_i`` and ``R- = k-th largest
--r_i`` are kept (``ρ = Δ R+`` or ``-Δ R-``), so sites are scored per (layer, bit)
-vectorised over the tensor without materialising the site space. Activation sites (the
-value differs per image) keep ``ρ`` per (element, bit, kind). Exact facts override: a
-faulty value that is NaN/Inf or exceeds ``range_factor`` x the tensor's largest magnitude
-gets ``ρ = inf`` ("extreme"). Per-image gradients use the ``max_images`` counted images
-closest to the threshold (the others rarely reach the k-th largest ratio).
-
-Classes: ``ρ < 1e-3`` harmless, ``< 0.1`` low, ``< 1`` borderline, ``>= 1`` critical,
-``inf`` extreme (:data:`CLASS_LABELS`, priors :data:`CLASS_PRIORS`).
+Image ``i`` (golden fact ``s_i``: a detector's score, a classifier's logit margin; threshold
+``θ``, 0 for classifiers) flips its decision, to first order, when a fault moving a value by
+``Δ`` gives ``Δ r_i > 1`` with ``r_i = (∂s_i/∂v) / (θ - s_i)``. The criterion needs ``k``
+flips (:func:`criterion_k`), so a site's *criticality ratio* is ``ρ = k-th largest_i Δ r_i``;
+weights keep only ``R± = k-th largest ±r_i`` per element (``ρ = Δ R+`` or ``-Δ R-``), scored
+per (layer, bit) vectorised over the tensor; activations keep ``ρ`` per (element, bit, kind).
+A faulty value that is NaN/Inf or beyond ``range_factor`` x the tensor's largest magnitude
+gets ``ρ = inf`` ("extreme"). Classes: ``ρ < 1e-3`` harmless, ``< 0.1`` low, ``< 1``
+borderline, ``>= 1`` critical, ``inf`` extreme. Details: docs/criticality.md.
 
 Example::
 

@@ -172,18 +172,19 @@ def predicted_margin(N: Sequence[int], n: Sequence[int], p: Sequence[float],
 
 
 def plan_rates(n: Sequence[int], k: Sequence[int], priors: Sequence[float],
-               level: float = 0.5, strength: float = 2.0) -> np.ndarray:
-    """Rates to plan with: the prior ``π_h`` where nothing was observed, else the value
-    closest to 1/2 in the ``level`` Wilson interval of ``(k + strength π, n + strength)``
-    pseudo-counts (a cautious, pilot-calibrated rate).
+               level: float = 0.0, strength: float = 2.0) -> np.ndarray:
+    """Rates to plan with: the pilot-calibrated ``(k + strength π) / (n + strength)`` (``π``
+    the class prior; ``π`` itself where nothing was observed). ``level > 0``: cautiously the
+    value closest to 1/2 in the ``level`` Wilson interval of those pseudo-counts instead.
 
-    >>> plan_rates([0, 30, 30], [0, 0, 30], [0.1, 0.002, 0.95]).round(3).tolist()
-    [0.1, 0.029, 0.983]
+    >>> plan_rates([0, 30, 30], [0, 0, 30], [0.1, 0.002, 0.95]).round(4).tolist()
+    [0.1, 0.0001, 0.9969]
     """
     out = np.asarray(priors, dtype=np.float64)[: len(n)].copy()
     for h, (nh, kh) in enumerate(zip(n, k, strict=True)):
         if nh > 0:
-            lo, hi = wilson(kh + strength * out[h], nh + strength, level)
+            kk, nn = kh + strength * out[h], nh + strength
+            lo, hi = wilson(kk, nn, level) if level > 0 else (kk / nn, kk / nn)
             out[h] = min(max(0.5, lo), hi)
     return out
 

@@ -13,7 +13,9 @@ Built in (registry :data:`PROPOSALS`, extend with :func:`register_proposal`):
   (that mean + a floor), bits inside a group by ``beta``;
 * ``gradient`` - ``h ~ P x (s/mean s + 0.1)^0.5 x beta(bit)`` with first-order
   sensitivities ``s = |value x d loss / d value|`` (cross-entropy for classifiers,
-  reconstruction MSE for detectors), per element for tensors up to ``DENSE_CAP`` elements.
+  reconstruction MSE for detectors), per element for tensors up to ``DENSE_CAP`` elements;
+* ``criticality`` - ``h ~ P x`` the criticality predictor's per-site probability of a
+  critical flip (:class:`CriticalityProposal`, shared with stratified campaigns).
 
 >>> q = defensive(p, BitFieldProposal().heuristic(p, ProposalContext()), 0.2)  # doctest: +SKIP
 """
@@ -34,8 +36,8 @@ from flipguard.faults import FloatFormat, NumberFormat, get_format
 from flipguard.ra.distribution import Block, Mixture, SiteDistribution, Sites, Term
 
 __all__ = ["ProposalContext", "Proposal", "BitFieldProposal", "PilotProposal",
-           "GradientProposal", "SiteWeightProposal", "PROPOSALS", "register_proposal",
-           "make_proposal", "defensive", "bit_sensitivity"]
+           "GradientProposal", "SiteWeightProposal", "CriticalityProposal", "PROPOSALS",
+           "register_proposal", "make_proposal", "defensive", "bit_sensitivity"]
 
 DENSE_CAP = 1 << 22
 
@@ -229,6 +231,66 @@ class SiteWeightProposal(Proposal):
         return SiteDistribution(blocks, name=self.name)
 
 
+class CriticalityProposal(Proposal):
+    """``h ~ P x π(class(site))``: the criticality predictor of
+    :mod:`flipguard.criticality` (the one that stratifies campaigns) classifies every
+    (element, bit) and ``π`` is its predicted probability of a critical flip per class
+    (``CLASS_PRIORS``, or ``probs``). Built from the engine's task on ``ctx.inputs`` unless a
+    ``predictor`` is given; a (tensor, bit) whose elements share one class costs one float.
+
+    >>> q = defensive(p, CriticalityProposal().heuristic(p, ctx), 0.2)  # doctest: +SKIP
+    """
+
+    name = "criticality"
+
+    def __init__(self, predictor: Any = None, criterion: str = "accuracy-drop:0.01",
+                 max_images: int = 64, probs: Any = None) -> None:
+        self.predictor, self.criterion, self.max_images = predictor, criterion, max_images
+        self.probs = probs
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "criterion": self.criterion, "max_images": self.max_images}
+
+    def heuristic(self, p: SiteDistribution, ctx: ProposalContext) -> SiteDistribution:
+        from flipguard.criticality import CLASS_PRIORS, Predictor, classes_of_rho
+
+        pred = self.predictor
+        if pred is None:
+            if ctx.model is None or ctx.inputs is None:
+                raise ConfigError("proposal 'criticality': needs the model and inputs")
+            targets = tuple(sorted({b.target for b in p.blocks}))
+            pred = Predictor.build(ctx.model, ctx.inputs, _task_of(ctx), self.criterion,
+                                   targets=targets, layers=sorted({b.layer for b in p.blocks}),
+                                   fmt=ctx.fmt, max_images=self.max_images)
+        probs = np.asarray(CLASS_PRIORS if self.probs is None else self.probs, dtype=float)
+        known = {(ls.target, ls.name) for ls in pred.space.layers}
+
+        def weights(target: str, layer: str, bit: int, numel: int) -> Any:
+            if (target, layer) not in known:
+                return None
+            w = probs[classes_of_rho(pred.rho(layer, target, None, [bit], ["flip"])[:, 0, 0],
+                                     pred.edges)]
+            return float(w[0]) if (w == w[0]).all() else w
+
+        ctx.info["criticality"] = dict(pred.info)
+        return SiteWeightProposal(weights, self.name).heuristic(p, ctx)
+
+
+def _task_of(ctx: ProposalContext) -> Any:
+    """The engine's task behind ``ctx.evaluate`` (an ``EngineEvaluator``, maybe cached), else
+    a classification task of ``ctx.labels``."""
+    from flipguard.inject import ClassificationTask
+
+    ev = ctx.evaluate
+    for obj in (ev, getattr(ev, "evaluate", None)):
+        engine = getattr(obj, "engine", None)
+        if engine is not None:
+            return engine.task
+    if ctx.task == "classification" and ctx.labels is not None:
+        return ClassificationTask(ctx.labels)
+    raise ConfigError("proposal 'criticality': needs the engine's task (detector threshold)")
+
+
 def _sensitivities(ctx: ProposalContext, keys: set[tuple[str, str]],
                    images: int) -> dict[tuple[str, str], np.ndarray]:
     model, x = ctx.model, ctx.inputs[:images]
@@ -276,7 +338,8 @@ def _sensitivities(ctx: ProposalContext, keys: set[tuple[str, str]],
 
 
 PROPOSALS: dict[str, Callable[..., Proposal]] = {
-    "bitfield": BitFieldProposal, "pilot": PilotProposal, "gradient": GradientProposal}
+    "bitfield": BitFieldProposal, "pilot": PilotProposal, "gradient": GradientProposal,
+    "criticality": CriticalityProposal}
 
 
 def register_proposal(name: str, factory: Callable[..., Proposal]) -> None:
