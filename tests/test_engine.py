@@ -314,23 +314,3 @@ def test_engine_errors_are_one_line():
         with pytest.raises(FlipguardError) as exc:
             eng.run([bad])
         assert "\n" not in str(exc.value)
-
-
-def test_heap_reuse_avoids_fresh_page_faults():
-    import resource
-
-    from flipguard.inject.cache import _glibc, heap_reuse
-
-    if _glibc() is None:
-        pytest.skip("glibc only")
-
-    def faults_of_allocations() -> int:
-        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(4):
-            torch.ones(16 << 20)  # 64 MiB: above glibc's largest dynamic mmap threshold
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
-
-    plain = faults_of_allocations()
-    with heap_reuse():
-        reused = faults_of_allocations()
-    assert plain > 4 * 15000 and reused < plain / 2

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flipguard import __version__
 from flipguard.errors import FlipguardError
+from flipguard.fileio import atomic_write, json_clean
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
@@ -142,17 +143,7 @@ def build_model(section: ModelSection) -> torch.nn.Module:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file + rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
 
 
 def save_run(
@@ -181,8 +172,7 @@ def save_run(
 
 def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Write ``RUN/metrics.json`` atomically (NaN written as null)."""
-    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
-    atomic_write_text(Path(path) / METRICS_FILE, json.dumps(clean, indent=2) + "\n")
+    atomic_write_text(Path(path) / METRICS_FILE, json.dumps(json_clean(metrics), indent=2) + "\n")
 
 
 def load_run(path: str | Path) -> Run:

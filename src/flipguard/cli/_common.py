@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from flipguard.errors import FlipguardError
+from flipguard.fileio import json_clean
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,14 +41,5 @@ def cli_errors(func: F) -> F:
 
 def print_json(obj: Any) -> None:
     """Write ``obj`` as JSON to stdout (NaN becomes null)."""
-    sys.stdout.write(json.dumps(_clean(obj), indent=2) + "\n")
+    sys.stdout.write(json.dumps(json_clean(obj), indent=2) + "\n")
 
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:  # NaN
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj

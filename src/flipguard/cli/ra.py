@@ -127,6 +127,7 @@ def _reweighted(engine: Any, cfg: Any, store: Any, base_hw: str) -> dict[str, An
 
 
 def _save(out_dir: Path, result: dict[str, Any]) -> Path:
+    from flipguard.fileio import json_clean
     from flipguard.run import atomic_write_text
 
     path = out_dir / RESULT_FILE
@@ -142,18 +143,8 @@ def _save(out_dir: Path, result: dict[str, Any]) -> Path:
             "confidence", "stream", "exposure_share")
     by_hw[result["hardware"]] = {k: result.get(k) for k in keep}
     doc = {"schema": SCHEMA, **result, "by_hardware": by_hw}
-    atomic_write_text(path, json.dumps(_clean(doc), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(json_clean(doc), indent=2) + "\n")
     return path
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def _table(res: dict[str, Any]) -> Table:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flipguard.fileio import atomic_write
 from flipguard.report.html import render_html, render_markdown
 from flipguard.report.sections import Figure, ReportContext, Section, Table, make_sections
 
@@ -22,31 +21,6 @@ __all__ = ["ReportFiles", "build_report", "render_report", "table_csv"]
 
 ASSET_SUFFIXES = (".csv", ".png", ".svg")
 MARKER = ".flipguard-report"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Temp file + ``os.replace``; ordinary permissions (0666 & ~umask), unlike mkstemp's
-    0600, so a report can be shared."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def table_csv(t: Table) -> str:
@@ -93,22 +67,22 @@ def render_report(ctx: ReportContext, out: str | Path | None = None) -> Path:
     written: set[Path] = set()
     for t in _blocks(sections, Table):
         p = files.assets / f"{t.name}.csv"
-        _atomic_write(p, table_csv(t))
+        atomic_write(p, table_csv(t))
         written.add(p)
     for f in _blocks(sections, Figure):
         for p, data in ((files.figures / f"{f.name}.png", f.png),
                         (files.figures / f"{f.name}.svg", f.svg.encode())):
-            _atomic_write(p, data)
+            atomic_write(p, data)
             written.add(p)
     marker = files.assets / MARKER
     for folder in (files.assets, files.figures) if marker.is_file() else ():
         for p in folder.iterdir():  # stale assets of an earlier report of ours
             if p.is_file() and p.suffix in ASSET_SUFFIXES and p not in written:
                 p.unlink()
-    _atomic_write(marker, "written by flipguard report; stale files here are removed\n")
+    atomic_write(marker, "written by flipguard report; stale files here are removed\n")
     rel = f"{files.assets.name}/figures"
-    _atomic_write(files.markdown, render_markdown(sections, ctx.title, subtitle, rel))
-    _atomic_write(files.html, render_html(sections, ctx.title, subtitle, files.assets.name))
+    atomic_write(files.markdown, render_markdown(sections, ctx.title, subtitle, rel))
+    atomic_write(files.html, render_html(sections, ctx.title, subtitle, files.assets.name))
     return files.html
 
 
