@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flipguard import __version__
 from flipguard.errors import FlipguardError
-from flipguard.fileio import atomic_write, json_clean
+from flipguard.fileio import atomic_write, json_clean, replacing
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
@@ -155,15 +153,9 @@ def save_run(
     """Write a run directory atomically file by file; returns its path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS_FILE}.")
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with replacing(path / WEIGHTS_FILE) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     atomic_write_text(path / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
     if metrics is not None:
         save_metrics(path, metrics)

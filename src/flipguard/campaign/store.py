@@ -17,9 +17,7 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 from flipguard.campaign.planner import PlannedFault, PlannedStratum
 from flipguard.errors import FlipguardError
 from flipguard.faults import fault_from_dict, get_format
+from flipguard.fileio import replacing
 
 __all__ = ["EXPORT_FORMATS", "STORE_FILE", "CampaignStore", "StoreError", "export",
            "store_path"]
@@ -99,10 +98,7 @@ class CampaignStore:
         path = Path(path)
         if path.exists() and not replace:
             raise StoreError(f"{path}: a campaign store already exists (use --fresh)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with replacing(path, suffix=".tmp") as tmp:
             con = sqlite3.connect(tmp, isolation_level=None)
             con.executescript(SCHEMA)
             con.execute("BEGIN")
@@ -118,10 +114,6 @@ class CampaignStore:
             con.close()
             for suffix in ("-wal", "-shm"):
                 Path(str(path) + suffix).unlink(missing_ok=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return cls(path)
 
     def close(self) -> None:
@@ -332,10 +324,7 @@ def export(store: CampaignStore, out: str | Path, fmt: str = "csv") -> Path:
     out = Path(out)
     rows = store.rows()
     columns = list(dict.fromkeys(k for r in rows for k in r)) or list(FAULT_COLUMNS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(out, suffix=".tmp") as tmp:
         if fmt == "csv":
             import csv
 
@@ -350,8 +339,4 @@ def export(store: CampaignStore, out: str | Path, fmt: str = "csv") -> Path:
             table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]) \
                 if rows else pa.table({c: pa.array([], pa.string()) for c in columns})
             pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, SiteSpace, apply_bits, get_format
+from flipguard.fileio import replacing
 
 __all__ = ["CLASS_LABELS", "CLASS_PRIORS", "DEFAULT_EDGES", "EXTREME", "Predictor",
            "classes_of_rho", "criterion_k", "differentiable_score_fn"]
@@ -173,8 +174,6 @@ class Predictor:
 
     def save(self, path: str | Path) -> Path:
         """Write the predictor's statistics (``torch.save``, atomically)."""
-        import os
-        import tempfile
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,14 +184,8 @@ class Predictor:
                                           "r_neg": v.r_neg, "vmax": torch.tensor(v.vmax)}
                             for (t, ly), v in self.tensors.items()},
                 "acts": {ly: torch.from_numpy(a) for ly, a in self.acts.items()}}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
+        with replacing(path) as tmp:
             torch.save(data, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
