@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_s": u_full_s / spent[0] if spent[0] > 0 else None,
             "agree": bool(u.ci[0] <= e.ci[1] and e.ci[0] <= u.ci[1]),
             "classes": {h: n for h, n in enumerate(st.N) if n}})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress, one per layer
     tot_u, tot_s = sum(r["uniform_n"] for r in rows), sum(r["stratified_n"] for r in rows)
     time_u, time_s = sum(r["uniform_s"] for r in rows), sum(r["stratified_s"] for r in rows)
     summary = {"run": args.run, "images": engine.n, "error": args.error,

@@ -29,6 +29,8 @@ from flipguard.campaign.planner import PlanConfig
 from flipguard.campaign.stats import t_value
 from flipguard.campaign.store import CampaignStore, store_path
 from flipguard.cli.report import register
+from flipguard.criticality.campaign import calibration_table
+from flipguard.criticality.predictor import CLASS_LABELS, CLASS_PRIORS
 from flipguard.data import make_synthetic
 from flipguard.harden.paired import harden_run
 from flipguard.models import CAEConfig, build_cae
@@ -36,13 +38,17 @@ from flipguard.pipeline import evaluate_run
 from flipguard.report import (
     SECTIONS,
     CampaignData,
+    Figure,
+    Note,
     Paragraph,
     ReportContext,
     Section,
     build_report,
+    make_sections,
     render_report,
     section,
 )
+from flipguard.report.adapter import calibration_data
 from flipguard.report.figures_detector import roc_points
 from flipguard.report.summary import summary_lines
 
@@ -117,7 +123,7 @@ def full(tmp_path_factory):
 
 FIGURES = {"cfr_layer", "cfr_bit", "cfr_bit_per_layer", "cfr_kernel_encoder-0",
            "cfr_kernel_decoder-16", "cfr_layer_bit_heatmap", "detector_roc",
-           "detector_scores", "detector_examples", "hardening_curve"}
+           "detector_scores", "detector_examples", "hardening_curve", "criticality_calibration"}
 
 
 def test_every_figure_is_written_valid_and_embedded(full):
@@ -217,6 +223,54 @@ def test_detector_and_hardening_numbers(full):
     s = np.array([float(r["score"][0]) for r in scores])
     assert roc_points(labels, s)[2] == pytest.approx(metrics["image_auroc"])
     assert [r["anomalous"][1] for r in scores] == ["yes" if v > 0.05 else "no" for v in s]
+
+
+def test_calibration_section_matches_the_executed_faults(full):
+    run_dir, _, page = full
+    rows = page.rows("criticality_calibration")
+    with CampaignStore(store_path(run_dir)) as store:
+        done = store.counts()["done"]
+    assert done > 0 and [r["label"][1] for r in rows] == list(CLASS_LABELS)
+    assert [float(r["predicted"][0]) for r in rows] == list(CLASS_PRIORS)
+    n = [int(r["n"][0]) for r in rows]
+    k = [int(r["critical"][0]) for r in rows]
+    assert sum(n) == done  # every executed fault has exactly one predicted class
+    assert sum(k) == cfr_table(run_dir, by=(), criterion=CRIT)[0]["critical"]
+    for r, ni, ki in zip(rows, n, k, strict=True):
+        if ni:
+            assert float(r["observed"][0]) == ki / ni
+            assert float(r["ci_low"][0]) <= ki / ni <= float(r["ci_high"][0])
+        else:
+            assert r["observed"] == ("", "—")
+    # the same numbers as the API at the plan's confidence, with the predictor it cached
+    api = calibration_table(run_dir, CRIT, PLAN.confidence)
+    assert [(int(r["n"][0]), float(r["ci_low"][0]), float(r["ci_high"][0])) for r in rows] == [
+        (a["n"], a["ci"][0], a["ci"][1]) for a in api]
+    assert list((run_dir / "criticality").glob("*.pt"))
+    ids = [a["id"] for t, a in page.tags if t == "section"]
+    assert ids.index("cfr-per-layer-and-bit") < ids.index("predicted-vs-observed-criticality") \
+        < ids.index("hardening")
+    assert any(a.get("id") == "fig-criticality_calibration" for t, a in page.tags
+               if t == "figure")
+
+
+def test_calibration_fails_soft_when_the_predictor_cannot_be_built(full, monkeypatch):
+    run_dir, _, _ = full
+    camp = CampaignData(CRIT, "wilson", 0.9, "fp32", PLAN.to_dict(), 1, 1, 1, [],
+                        {"network": [{"n": 1}]})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no gradients here\nsecond line")
+
+    monkeypatch.setattr("flipguard.criticality.campaign.predictor_for_run", broken)
+    data = calibration_data(run_dir, camp)
+    assert data["error"] == "RuntimeError: no gradients here" and "rows" not in data
+    ctx = ReportContext(run_dir, extras={"calibration": data})
+    sec = next(s for s in make_sections(ctx) if s.title == "Predicted vs observed criticality")
+    assert [type(b) for b in sec.blocks] == [Note] and "no gradients here" in sec.blocks[0].text
+    assert calibration_data(run_dir, None) is None  # no campaign
+    camp.tables = {}  # no classified results
+    assert calibration_data(run_dir, camp) is None
 
 
 def test_roc_points_match_sklearn():
@@ -366,6 +420,68 @@ def test_hand_made_rows_registry_and_stale_assets(tmp_path):
                 "bounds up to 32 %).") in summary_lines(ctx)
     finally:
         SECTIONS.pop("Custom results", None)
+
+
+CAL_ROWS = [  # one class never executed, one without a critical fault, one miscalibrated
+    {"class": 0, "label": "harmless", "predicted": 0.002, "n": 400, "critical": 0,
+     "observed": 0.0, "ci": [0.0, 0.0095]},
+    {"class": 1, "label": "low", "predicted": 0.02, "n": 120, "critical": 5,
+     "observed": 5 / 120, "ci": [0.018, 0.094]},
+    {"class": 2, "label": "borderline", "predicted": 0.2, "n": 40, "critical": 9,
+     "observed": 9 / 40, "ci": [0.123, 0.374]},
+    {"class": 3, "label": "critical", "predicted": 0.6, "n": 30, "critical": 29,
+     "observed": 29 / 30, "ci": [0.833, 0.994]},
+    {"class": 4, "label": "extreme", "predicted": 0.95, "n": 0, "critical": 0,
+     "observed": None, "ci": [0.0, 1.0]},
+]
+
+
+def test_calibration_section_from_hand_made_rows(tmp_path):
+    cal = {"criterion": CRIT, "confidence": 0.95, "source": "predictor", "rows": CAL_ROWS}
+    ctx = ReportContext(tmp_path / "run", extras={"calibration": cal})
+    out = render_report(ctx, tmp_path / "rep.html")
+    page = Page(out.read_text())
+    assert "predicted-vs-observed-criticality" in [a["id"] for t, a in page.tags
+                                                   if t == "section"]
+    got = page.rows("criticality_calibration")
+    assert [r["label"][1] for r in got] == [r["label"] for r in CAL_ROWS]
+    for g, want in zip(got, CAL_ROWS, strict=True):
+        assert (int(g["class"][0]), int(g["n"][0]), int(g["critical"][0])) == (
+            want["class"], want["n"], want["critical"])
+        assert float(g["predicted"][0]) == want["predicted"]
+        assert (float(g["ci_low"][0]), float(g["ci_high"][0])) == tuple(want["ci"])
+        if want["observed"] is None:
+            assert g["observed"] == ("", "—")
+        else:
+            assert float(g["observed"][0]) == want["observed"]
+            assert float(g["observed"][1]) == pytest.approx(100 * want["observed"], rel=1e-3)
+    assert [r["predicted"][1] for r in got] == ["0.2", "2", "20", "60", "95"]  # in %
+    text = " ".join(page.text)
+    assert "Prior outside the observed interval: critical 96.67 % (83.3–99.4 %) vs 60 %" in text
+    assert "95 % Wilson intervals" in text
+    png = tmp_path / "rep" / "figures" / "criticality_calibration.png"
+    embedded = [a["src"] for t, a in page.tags if t == "img"]
+    assert embedded == [f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"]
+    with Image.open(png) as im:
+        assert im.width > 200 and np.asarray(im.convert("L")).std() > 5
+    with open(tmp_path / "rep" / "criticality_calibration.csv") as fh:
+        assert [int(r["n"]) for r in csv.DictReader(fh)] == [r["n"] for r in CAL_ROWS]
+    # no class executed yet: table only, no figure
+    cal["rows"] = [{**r, "n": 0, "critical": 0, "observed": None} for r in CAL_ROWS]
+    sec = next(s for s in make_sections(ctx) if s.title == "Predicted vs observed criticality")
+    assert not [b for b in sec.blocks if isinstance(b, Figure)]
+    assert "No executed fault has a predicted class yet." in [
+        b.text for b in sec.blocks if isinstance(b, Paragraph)]
+
+
+def test_calibration_section_absent_without_data(tmp_path):
+    titles = [s.title for s in make_sections(ReportContext(tmp_path / "run"))]
+    assert "Predicted vs observed criticality" not in titles and "Summary" in titles
+    page = Page(render_report(_hand_context(tmp_path), tmp_path / "r.html").read_text())
+    assert "predicted-vs-observed-criticality" not in [a["id"] for t, a in page.tags
+                                                       if t == "section"]
+    assert "criticality_calibration" not in page.tables
+    assert not (tmp_path / "r" / "figures" / "criticality_calibration.png").exists()
 
 
 def test_cli_report_and_one_line_errors(tmp_path):

@@ -149,10 +149,22 @@ def test_limit_probe_and_chunks(reference, tmp_path):
     run_campaign(store, factory, engine=engine)
     assert outcomes(store.path) == expected
     assert run_campaign(store, factory, engine=engine)["ran"] == 0
-    chunks = chunks_of(store.planned(), 8)
+    planned = store.planned()
+    chunks = chunks_of(planned, 8, seed=3)
     assert all(len({pf.fault.layer for pf in c}) == 1 for c in chunks)
-    assert all(len({pf.fault_id // 8 for pf in c}) == 1 for c in chunks)
     assert sorted(pf.fault_id for c in chunks for pf in c) == sorted(expected)
+    layers = list(dict.fromkeys(pf.fault.layer for pf in planned))
+    # round-robin: the first chunks visit every layer before any layer's second chunk
+    assert [c[0].fault.layer for c in chunks[:len(layers)]] == layers
+    order = [pf.fault_id for c in chunks for pf in c if pf.fault.layer == layers[0]]
+    assert order != sorted(order)  # a permutation within the layer, not id order
+    assert chunks_of(planned, 8, seed=3) == chunks  # deterministic
+    assert chunks_of(planned, 8, seed=4) != chunks
+    # resuming keeps the relative order of the remaining faults
+    rest = [pf for pf in planned if pf.fault_id not in set(order[:5])]
+    again = [pf.fault_id for c in chunks_of(rest, 8, seed=3) for pf in c
+             if pf.fault.layer == layers[0]]
+    assert again == order[5:]
     store.close()
 
 

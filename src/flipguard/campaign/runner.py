@@ -159,17 +159,27 @@ def _describe(factory: Any) -> dict[str, Any]:
         return {"factory": type(factory).__name__}
 
 
-def chunks_of(faults: Sequence[PlannedFault], chunk: int = 32) -> list[list[PlannedFault]]:
-    """Group faults by layer (first-appearance order) then split into runs of ``chunk``; the
-    boundaries depend on fault ids only (``fault_id // chunk``), so a resumed campaign
-    batches the remaining faults exactly as an uninterrupted one would."""
+def chunks_of(faults: Sequence[PlannedFault], chunk: int = 32, seed: int = 0
+              ) -> list[list[PlannedFault]]:
+    """Split faults into single-layer runs of ``chunk`` in an order that makes any stopping
+    point a fair partial campaign: within a layer the faults follow a pseudo-random
+    permutation keyed by ``(seed, fault_id)`` (so every prefix is a uniform subsample of the
+    stratum's plan, and the order of the remaining faults is the same after a resume), and
+    the chunks go round-robin over the layers (every layer advances at the same pace)."""
     if chunk < 1:
         raise ConfigError(f"chunk: expected >= 1, got {chunk}")
-    groups: dict[tuple[str, str, int], list[PlannedFault]] = {}
+    groups: dict[tuple[str, str], list[PlannedFault]] = {}
     for pf in sorted(faults, key=lambda f: f.fault_id):
-        groups.setdefault((pf.fault.layer, pf.fault.target, pf.fault_id // chunk), []).append(pf)
-    layer_order = {k[:2]: i for i, k in reversed(list(enumerate(groups)))}
-    return [groups[k] for k in sorted(groups, key=lambda k: (layer_order[k[:2]], k[2]))]
+        groups.setdefault((pf.fault.layer, pf.fault.target), []).append(pf)
+    runs = []
+    for g, members in enumerate(groups.values()):
+        members.sort(key=lambda pf: _order_key(seed, pf.fault_id))
+        runs += [((i // chunk, g), members[i:i + chunk]) for i in range(0, len(members), chunk)]
+    return [c for _, c in sorted(runs, key=lambda r: r[0])]
+
+
+def _order_key(seed: int, fault_id: int) -> bytes:
+    return hashlib.blake2b(f"{seed}:{fault_id}".encode(), digest_size=8).digest()
 
 
 def execute_chunk(engine: Any, chunk: Sequence[PlannedFault]) -> Chunk:
@@ -241,12 +251,14 @@ def run_campaign(store: CampaignStore, factory: Any, *, engine: Any = None, work
     when given); returns a summary ``{"ran", "planned", "done", "seconds", "rate"}``."""
     if workers < 1:
         raise ConfigError(f"workers: expected >= 1, got {workers}")
+    seed = int(store.definition.get("plan", {}).get("seed", 0))
     if faults is not None:
         todo_ids = set(store.pending_ids()) & {pf.fault_id for pf in faults}
         pending = store.faults_by_id(sorted(todo_ids)[:limit])
-        pages: Iterable[list[list[PlannedFault]]] = [chunks_of(pending, chunk)]
+        pages: Iterable[list[list[PlannedFault]]] = [chunks_of(pending, chunk, seed)]
     else:  # lazily, one window of fault ids at a time (aligned on chunk boundaries)
-        pages = (chunks_of(page, chunk) for page in store.pending_pages(chunk * 2048, limit))
+        pages = (chunks_of(page, chunk, seed)
+                 for page in store.pending_pages(chunk * 2048, limit))
     counts = store.counts()
     t0 = time.perf_counter()
     local = ray is None and workers == 1

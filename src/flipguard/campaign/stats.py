@@ -6,6 +6,7 @@
   finite-population correction through the effective sample size ``n (N - 1) / (N - n)``.
 * :func:`stratified` — stratified estimator ``sum W_h p_h`` and its variance
   ``sum W_h^2 (N_h - n_h) / (N_h - 1) p_h (1 - p_h) / n_h``.
+* :func:`mover` — MOVER combination of per-stratum intervals (criticality sub-strata).
 
 >>> leveugle_n(10**9, 0.01, 0.95)
 9604
@@ -34,6 +35,7 @@ __all__ = [
     "clopper_pearson",
     "interval",
     "leveugle_n",
+    "mover",
     "post_hoc_margin",
     "stratified",
     "t_value",
@@ -181,14 +183,36 @@ class Estimate:
     n_eff: float
 
 
+def mover(parts: Sequence[tuple[float, float, float, float]]) -> tuple[float, float]:
+    """Interval of ``sum w_h p_h`` from per-part intervals ``(w_h, p_h, l_h, u_h)``: MOVER
+    (Zou & Donner 2008; Newcombe's method for linear combinations of proportions)::
+
+        lo = p - sqrt(sum w_h^2 (p_h - l_h)^2),   hi = p + sqrt(sum w_h^2 (u_h - p_h)^2)
+
+    A part with ``k_h = 0`` keeps its positive upper distance, so strata where nothing
+    critical was seen still widen the interval (an effective-sample-size interval would
+    treat them as certain zeros and come out too narrow). Clipped to [0, 1].
+
+    >>> [round(v, 4) for v in mover([(0.5, 0.0, 0.0, 0.1), (0.5, 0.2, 0.1, 0.3)])]
+    [0.0293, 0.1707]
+    """
+    p = sum(w * ph for w, ph, _, _ in parts)
+    lo2 = sum((w * (ph - lh)) ** 2 for w, ph, lh, _ in parts)
+    hi2 = sum((w * (uh - ph)) ** 2 for w, ph, _, uh in parts)
+    return max(0.0, p - math.sqrt(lo2)), min(1.0, p + math.sqrt(hi2))
+
+
 def stratified(cells: Sequence[tuple[int, int, int]], confidence: float,
                method: str = "wilson") -> Estimate:
     """Combine strata ``(N_h, n_h, k_h)`` with weights ``W_h = N_h / sum N``.
 
     Cells with ``n_h = 0`` carry no information and are left out (the weights of the others
     are renormalised); ``N`` in the result still counts the whole population.
-    The interval is Wilson / Clopper–Pearson at the effective size ``n_eff = p (1 - p) / var``
-    (Korn & Graubard 1998), or ``1 / sum W_h^2 fpc_h / n_h`` when ``var`` is 0.
+    ``margin`` is the post-hoc ``t sqrt(var)``. Interval: Wilson / Clopper–Pearson (with
+    FPC) for a single stratum; for several, at the effective size ``n_eff = p (1 - p) / var``
+    (Korn & Graubard 1998) truncated at the sample size ``n`` (heterogeneous strata can push
+    ``p q / var`` above ``n``, claiming more precision than the draws hold). Coverage with
+    rare criticals spread over many mostly-zero strata is simulated in ``tests/test_stats.py``.
 
     >>> e = stratified([(100, 10, 5), (300, 10, 1)], 0.95)
     >>> round(e.p, 4)
@@ -212,7 +236,11 @@ def stratified(cells: Sequence[tuple[int, int, int]], confidence: float,
     t = t_value(confidence)
     if inv_neff <= 0.0:  # every cell enumerated exhaustively
         ci, n_eff = (p, p), math.inf
-    else:  # Korn & Graubard (1998): n_eff = p q / var; the design size when var = 0
-        n_eff = p * (1 - p) / var if var > 0 else 1.0 / inv_neff
-        ci = interval(p * n_eff, n_eff, confidence, method)
+    else:
+        n_eff = min(p * (1 - p) / var if var > 0 else 1.0 / inv_neff, float(n_all))
+        if len(used) == 1:
+            N, n, k = used[0]
+            ci = interval(k, n, confidence, method, N=N)
+        else:
+            ci = interval(p * n_eff, n_eff, confidence, method)
     return Estimate(p, var, t * math.sqrt(var), ci, n_all, k_all, N_all, n_eff)

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flipguard.campaign.stats import clopper_pearson, wilson
+from flipguard.campaign.stats import METHODS, interval, mover, wilson
 from flipguard.criticality.predictor import CLASS_PRIORS
 from flipguard.errors import ConfigError
 
@@ -87,17 +87,14 @@ def draw(classes: np.ndarray, cls: int, n: int, seed: int, key: str, round_: int
 def sub_interval(N: int, n: float, k: float, confidence: float,
                  method: str = "clopper-pearson") -> tuple[float, float]:
     """Interval of the rate of a population of ``N`` from ``k`` of ``n`` drawn without
-    replacement (FPC via the effective size ``n (N-1)/(N-n)``; exact when ``n >= N``)."""
-    if method not in ("wilson", "clopper-pearson"):
-        raise ConfigError(f"method: expected wilson or clopper-pearson, got {method!r}")
+    replacement (:func:`flipguard.campaign.stats.interval` with FPC, widened to contain
+    ``k / n``)."""
     if n <= 0:
+        if method not in METHODS:
+            raise ConfigError(f"method: expected wilson or clopper-pearson, got {method!r}")
         return (0.0, 1.0)
-    p = k / n
-    if n >= N:
-        return (p, p)
-    n_eff = n * (N - 1) / (N - n) if N > 1 else n
-    lo, hi = (wilson if method == "wilson" else clopper_pearson)(p * n_eff, n_eff, confidence)
-    return (min(lo, p), max(hi, p))
+    lo, hi = interval(k, n, confidence, method, N=N)
+    return (min(lo, k / n), max(hi, k / n))
 
 
 class Cell(NamedTuple):
@@ -147,16 +144,11 @@ def estimate(cells: Sequence[Cell | tuple], confidence: float,
     N = sum(int(c.N) for c in cells)
     if N <= 0:
         return StratEstimate(math.nan, (0.0, 1.0), math.nan, 0, 0, 0)
-    p = lo2 = hi2 = k_all = 0.0
-    for c in cells:
-        w = c.N / N
-        ph, lh, uh = cell_interval(c, confidence, method)
-        p += w * ph
-        lo2 += (w * (ph - lh)) ** 2
-        hi2 += (w * (uh - ph)) ** 2
-        k_all += c.k + c.k0
-    lo, hi = max(0.0, p - math.sqrt(lo2)), min(1.0, p + math.sqrt(hi2))
+    parts = [(c.N / N, *cell_interval(c, confidence, method)) for c in cells]
+    p = sum(w * ph for w, ph, _, _ in parts)
+    lo, hi = mover(parts)
     n_all = int(sum(c.n + c.n0 for c in cells))
+    k_all = sum(c.k + c.k0 for c in cells)
     return StratEstimate(p, (lo, hi), max(hi - p, p - lo), n_all, int(round(k_all)), N)
 
 

@@ -37,6 +37,7 @@ from flipguard.harden.paired import (
     RESULT_FILE,
     HardeningError,
     PairedResult,
+    campaign_engines,
     check_fault_free,
     deliver_faults,
     harden_run,
@@ -57,7 +58,7 @@ __all__ = [
     "SecDed", "POLICIES", "SCHEMES", "STATUS_NAMES", "Protection", "ReadPath", "constant_bits",
     "parse_schemes", "build_hardened", "clamp_activation", "harden_model",
     "measure_input_bounds", "save_hardened_run", "RESULT_FILE", "HardeningError",
-    "PairedResult", "check_fault_free", "deliver_faults", "harden_run", "paired_bootstrap",
-    "paired_reinjection", "Candidate", "HardeningPlan", "candidates", "improvement_curve",
-    "plan_hardening", "select", "weight_bits",
+    "PairedResult", "campaign_engines", "check_fault_free", "deliver_faults", "harden_run",
+    "paired_bootstrap", "paired_reinjection", "Candidate", "HardeningPlan", "candidates",
+    "improvement_curve", "plan_hardening", "select", "weight_bits",
 ]

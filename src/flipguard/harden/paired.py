@@ -310,20 +310,42 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def campaign_engines(r: Any, store: Any) -> Callable[[nn.Module], Any]:
+    """``engine_for(model)`` of :func:`paired_reinjection` for loaded run ``r`` and its
+    campaign ``store``: the campaign's inputs, task and number format (the run's own engine
+    for the run's model, a new one over the same inputs for a hardened copy)."""
+    from flipguard.campaign import RunEngineFactory
+    from flipguard.inject import Engine
+
+    d = store.definition
+    fmt = get_format(d.get("plan", {}).get("fmt", "fp32"))
+    eng_d = d.get("engine") or {}
+    factory = RunEngineFactory(str(r.path), images=eng_d.get("images"), fmt=fmt.name,
+                               data_dir=eng_d.get("data_dir"))
+
+    def engine_for(m: nn.Module) -> Any:
+        base = factory()
+        return base if m is r.model else Engine(m, base.inputs, base.task, fmt=fmt.name)
+
+    return engine_for
+
+
 def harden_run(run: Any, budget: float = 0.03, schemes: str | Sequence[str] = "tmr,parity,ecc,"
                "range,invariant", criterion: str = "accuracy-drop:0.01", policy: str = "zero",
                method: str = "greedy", curve: bool = True, n_boot: int = 2000, seed: int = 0,
-               clamp_images: int = 64, save: bool = True) -> dict[str, Any]:
+               clamp_images: int = 64, save: bool = True,
+               engine_for: Callable[[nn.Module], Any] | None = None) -> dict[str, Any]:
     """Plan protections for run directory ``run`` from its campaign, prove them by paired
     re-injection and (``save``) write ``RUN/hardening.json`` (and ``RUN/hardened/`` when
     ``schemes`` has "act", activation clamping). Returns the JSON dict (docs/hardening.md).
+    ``engine_for``: engine builder to reuse across calls (default :func:`campaign_engines`).
 
     >>> res = harden_run("runs/demo", budget=0.03)  # doctest: +SKIP
     >>> res["overhead"] <= 0.03                      # doctest: +SKIP
     True
     """
-    from flipguard.campaign import CampaignStore, RunEngineFactory, cfr_table, store_path
-    from flipguard.inject import Engine, parse_criterion
+    from flipguard.campaign import CampaignStore, cfr_table, store_path
+    from flipguard.inject import parse_criterion
     from flipguard.run import atomic_write_text, load_run
 
     names = [p.strip() for p in (schemes.split(",") if isinstance(schemes, str) else schemes)]
@@ -358,16 +380,9 @@ def harden_run(run: Any, budget: float = 0.03, schemes: str | Sequence[str] = "t
         left = max(0.0, float(budget) - act_bits / total) if act else budget
         plan = plan_hardening(r.model, rows, fmt, left, wschemes or "invariant", policy,
                               method, None if wschemes else [])
-        eng_d = d.get("engine") or {}
-        factory = RunEngineFactory(str(r.path), images=eng_d.get("images"), fmt=fmt.name,
-                                   data_dir=eng_d.get("data_dir"))
-
-        def engine_for(m: nn.Module) -> Any:
-            base = factory()
-            return base if m is r.model else Engine(m, base.inputs, base.task, fmt=fmt.name)
-
-        res = paired_reinjection(store, r.model, plan.protections, criterion, engine_for,
-                                 hardened, n_boot, seed)
+        res = paired_reinjection(store, r.model, plan.protections, criterion,
+                                 engine_for or campaign_engines(r, store), hardened, n_boot,
+                                 seed)
         ids = ",".join(map(str, res.fault_ids))
     cost = plan.cost_bits + act_bits
     out = {"schema": SCHEMA, "run": str(r.path), "criterion": parse_criterion(criterion).text,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from flipguard.report import (  # noqa: F401 - importing registers the built-in sections
     content_campaign,
+    content_criticality,
     content_detector,
     content_extras,
     summary,

@@ -2,7 +2,8 @@
 
 It is the only report module that calls other sub-packages: ``flipguard.run.load_run``,
 ``flipguard.detect`` (reconstruct + scorer maps) and ``flipguard.campaign`` (store counts and
-``analysis.cfr_table``). Everything downstream renders plain rows and arrays.
+``analysis.cfr_table``) and ``flipguard.criticality`` (``calibration_table``). Everything
+downstream renders plain rows and arrays.
 
 >>> ctx = collect("runs/demo", criterion="accuracy-drop:0.01")   # doctest: +SKIP
 >>> [r["layer"] for r in ctx.campaign.tables["layer"]][:1]        # doctest: +SKIP
@@ -23,7 +24,8 @@ import torch
 from flipguard.errors import ConfigError, FlipguardError
 from flipguard.report.sections import CampaignData, DetectorData, ReportContext
 
-__all__ = ["EXTRAS", "GROUPINGS", "campaign_data", "collect", "detector_data", "layer_types"]
+__all__ = ["EXTRAS", "GROUPINGS", "calibration_data", "campaign_data", "collect",
+           "detector_data", "layer_types"]
 
 GROUPINGS: dict[str, tuple[str, ...]] = {
     "network": (), "layer": ("layer",), "bit": ("bit",), "field": ("field",),
@@ -123,6 +125,41 @@ def campaign_data(run_path: Path, criterion: str, method: str = "wilson",
                             int(store.get_meta("rounds", 0) or 0))
 
 
+def calibration_data(run_path: Path, camp: CampaignData | None) -> dict[str, Any] | None:
+    """Predicted vs observed criticality per predicted class of the executed faults
+    (``calibration_table`` under the report's criterion, at the plan's confidence); None
+    without classified results. A uniform campaign's faults are classified by the run's
+    cached predictor (built on first use, on the campaign engine's images); when it cannot
+    be built the dict holds ``error`` instead of ``rows`` (the report still renders)."""
+    if camp is None or not camp.tables:  # no executed fault or no golden reference
+        return None
+    from flipguard.campaign.planner import PlanConfig
+    from flipguard.campaign.store import CampaignStore, store_path
+    from flipguard.criticality.campaign import calibration_table, predictor_for_run
+
+    stratified = camp.plan.get("sampling", "uniform") == "stratified"
+    out: dict[str, Any] = {"criterion": camp.criterion, "confidence": camp.confidence,
+                           "source": "substrata" if stratified else "predictor"}
+    try:
+        predictor = None
+        if not stratified:
+            with CampaignStore(store_path(run_path)) as store:
+                eng = dict(store.definition.get("engine", {}))
+            if "run" not in eng:
+                raise ConfigError(f"the campaign engine ({eng.get('factory', 'unknown')}) "
+                                  "is not a run directory's; no predictor to calibrate")
+            # this run directory (the engine's path may be relative to another cwd)
+            predictor = predictor_for_run(
+                run_path, eng.get("images"), camp.criterion,
+                targets=camp.plan.get("targets", ["weight"]), fmt=camp.fmt,
+                kinds=PlanConfig.from_dict(camp.plan).kinds, data_dir=eng.get("data_dir"))
+        out["rows"] = calibration_table(run_path, camp.criterion, camp.confidence, predictor)
+    except Exception as exc:  # an optional section must never break the report
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        out["error"] = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return out
+
+
 def _extras(run_path: Path, notes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, files in EXTRAS.items():
@@ -155,6 +192,9 @@ def collect(run_dir: str | Path, criterion: str = "accuracy-drop:0.01", method: 
     ctx.detector = detector_data(run, ctx.notes, examples)
     ctx.campaign = campaign_data(run.path, criterion, method, ctx.notes)
     ctx.extras = _extras(run.path, ctx.notes)
+    calibration = calibration_data(run.path, ctx.campaign)
+    if calibration is not None:
+        ctx.extras["calibration"] = calibration
     if ctx.campaign is not None:
         for opt, chosen in (("kernel-layers", ctx.kernel_layers), ("bit-layers", ctx.bit_layers)):
             have = {r["layer"] for r in ctx.campaign.tables.get("layer_kernel", [])}

@@ -170,7 +170,8 @@ class ReportContext:
     network order; ``kernel_layers``: layers of the per-kernel figures (default: first and
     last layer with campaign data); ``bit_layers``: layers with their own per-bit panel
     (default: the four most vulnerable); ``extras``: results of later stages ("hardening",
-    "resiliency") as loaded from ``RUN/<name>.json``."""
+    "resiliency") as loaded from ``RUN/<name>.json``, and "calibration" (predicted vs
+    observed criticality, :func:`flipguard.report.adapter.calibration_data`)."""
 
     run_path: Path
     title: str = "flipguard reliability report"
