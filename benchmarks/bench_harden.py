@@ -49,6 +49,16 @@ class _Memo:
         return self
 
 
+def _held(h: dict | None) -> str:
+    if h is None:
+        return "-"
+    b, imp, ci = h["cfr_before"], h["relative_improvement"], h["ci"]
+    if imp is None or imp != imp:  # nothing critical in the held-out faults
+        return f"n/a ({b['critical']} critical of {h['n_faults']})"
+    return (f"{100 * imp:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] ({b['critical']} critical "
+            f"of {h['n_faults']})")
+
+
 def _baselines(run: str, criterion: str, boot: int, engines: _Memo) -> list[dict]:
     from flipguard.campaign import CampaignStore, store_path
     from flipguard.harden import Protection, paired_reinjection
@@ -74,6 +84,22 @@ def _baselines(run: str, criterion: str, boot: int, engines: _Memo) -> list[dict
     return out
 
 
+def _holdout(run: str, protections: list[dict], criterion: str, boot: int,
+             engines: _Memo) -> dict:
+    """The chosen protections evaluated on the independent campaign of run ``run`` (same
+    model and images): an out-of-sample check of the plan."""
+    from flipguard.campaign import CampaignStore, store_path
+    from flipguard.harden import Protection, paired_reinjection
+    from flipguard.run import load_run
+
+    r = load_run(run)
+    prots = [Protection.from_dict({k: v for k, v in p.items() if k != "label"})
+             for p in protections]
+    with CampaignStore(store_path(r.path)) as store:
+        return paired_reinjection(store, r.model, prots, criterion, engines,
+                                  n_boot=boot).to_dict()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="run directory with a finished campaign")
@@ -82,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sets", default="all,paid", help="scheme sets: all | paid (no free "
                                                         "range/invariant protections)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--holdout", default=None, help="run directory of the same model with an "
+                    "independent campaign: each plan is also evaluated on its faults")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -102,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{crit} {set_name} {b:g}: overhead {res['overhead']:.4f}, improvement "
                       f"{res['relative_improvement']}, {res['simulated']} re-delivered, "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-                rows.append({"criterion": crit, "set": set_name, "budget": b,
+                held = (_holdout(args.holdout, res["protections"], crit, args.boot, engines)
+                        if args.holdout else None)
+                rows.append({"criterion": crit, "set": set_name, "budget": b, "holdout": held,
                              "seconds": time.perf_counter() - t0,
                              **{k: res[k] for k in ("overhead", "cfr_before", "cfr_after",
                                                     "relative_improvement", "ci", "mcnemar_p",
@@ -125,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{100 * b['ci'][1]:.2f}] % ({first['n_faults']:,} faults, "
               f"{b.get('critical', '?')} critical)\n")
         print("| protections | budget % | overhead % | CFR after % [CI] | improvement % "
-              "[95 % paired bootstrap] | McNemar p | re-simulated | protections chosen |")
-        print("|---|---:|---:|---|---|---:|---:|---|")
+              "[95 % paired bootstrap] | McNemar p | re-simulated | protections chosen "
+              "| held-out improvement % [CI] |")
+        print("|---|---:|---:|---|---|---:|---:|---|---|")
         for r in rows:
             if r["criterion"] != crit:
                 continue
@@ -136,14 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{100 * a['cfr']:.2f} [{100 * a['ci'][0]:.2f}, {100 * a['ci'][1]:.2f}] | "
                   f"**{pct(r['relative_improvement'])}** [{pct(ci[0])}, {pct(ci[1])}] | "
                   f"{r['mcnemar_p']:.3g} | {r['simulated']} | {len(r['protections'])} "
-                  f"({', '.join(labels) or '-'}) |")
+                  f"({', '.join(labels) or '-'}) | {_held(r['holdout'])} |")
         for x in base[crit]:
             a, ci = x["cfr_after"], x["ci"]
             print(f"| {x['name']} | - | {pct(x['overhead'])} | {100 * a['cfr']:.2f} "
                   f"[{100 * a['ci'][0]:.2f}, {100 * a['ci'][1]:.2f}] | "
                   f"{pct(x['relative_improvement'])} [{pct(ci[0])}, {pct(ci[1])}] | "
-                  f"{x['mcnemar_p']:.3g} | {x['simulated']} | all weight layers |")
-        print("| reference (Ruospo et al.) | 3 | 3 | - | 43 | - | - | - |")
+                  f"{x['mcnemar_p']:.3g} | {x['simulated']} | all weight layers | - |")
+        print("| reference (Ruospo et al.) | 3 | 3 | - | 43 | - | - | - | - |")
     print(f"\n{engines.simulated:,} distinct corrupted words simulated in all; engine set-up "
           f"{setup_s:.0f} s, total {summary['total_s']:.0f} s.\n\n`{summary['command']}`")
     return summary

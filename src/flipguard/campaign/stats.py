@@ -194,7 +194,7 @@ def mover(parts: Sequence[tuple[float, float, float, float]]) -> tuple[float, fl
     treat them as certain zeros and come out too narrow). Clipped to [0, 1].
 
     >>> [round(v, 4) for v in mover([(0.5, 0.0, 0.0, 0.1), (0.5, 0.2, 0.1, 0.3)])]
-    [0.0293, 0.1707]
+    [0.05, 0.1707]
     """
     p = sum(w * ph for w, ph, _, _ in parts)
     lo2 = sum((w * (ph - lh)) ** 2 for w, ph, lh, _ in parts)

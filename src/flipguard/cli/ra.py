@@ -179,10 +179,12 @@ def ra(
                                 help="Comma list of weight, bias, activation."),
     fmt: str = typer.Option("fp32", "--format", help="fp32 | fp16 | bf16 | int8."),
     layers: str | None = typer.Option(None, "--layers", help="Comma list of layers."),
-    proposal: str = typer.Option("pilot", "--proposal",
-                                 help="IS heuristic: pilot | bitfield | gradient."),
+    proposal: str = typer.Option(
+        "adaptive", "--proposal", help="IS proposal: adaptive (criticality-predictor start, "
+        "cell masses re-fitted every batch, no pilot) | criticality | bitfield | pilot | "
+        "gradient."),
     alpha: float = typer.Option(0.2, "--alpha", help="Defensive share of P in q."),
-    pilot: int = typer.Option(2, "--pilot", help="Pilot faults per stratum (pilot)."),
+    pilot: int = typer.Option(2, "--pilot", help="Pilot faults per stratum (--proposal pilot)."),
     images: int | None = typer.Option(None, "--images", help="Evaluate this many inputs."),
     reweight_from: str | None = typer.Option(
         None, "--reweight-from", help="Re-weight stored samples of this hardware instead of "

@@ -39,6 +39,8 @@ from flipguard.ra.exposure import (
 )
 from flipguard.ra.proposal import (
     PROPOSALS,
+    AdaptiveMixture,
+    AdaptiveProposal,
     BitFieldProposal,
     GradientProposal,
     PilotProposal,
@@ -59,7 +61,8 @@ __all__ = [
     "resiliency_accuracy", "result_dict", "reweight", "stream_key", "summarise",
     "GEMM_TYPES", "HardwareModel", "Layer", "LayerGraph", "MemoryModel", "UniformModel",
     "analyse", "build_exposure", "parse_hardware",
-    "PROPOSALS", "BitFieldProposal", "GradientProposal", "PilotProposal", "Proposal",
+    "PROPOSALS", "AdaptiveMixture", "AdaptiveProposal", "BitFieldProposal",
+    "GradientProposal", "PilotProposal", "Proposal",
     "ProposalContext", "SiteWeightProposal", "bit_sensitivity", "defensive", "make_proposal",
     "register_proposal",
     "STORE_FILE", "CachedEvaluator", "RAStore", "RAStoreError",

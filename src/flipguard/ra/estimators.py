@@ -9,6 +9,9 @@ estimator ``mean(w * d)`` with ``w = P(s)/q(s)``. The interval is the CLT interv
 weighted terms; ESS = (sum w)^2 / sum w^2. Sampling runs in batches and stops when the
 half-width reaches ``target_margin`` (after ``min_samples``) or at ``max_samples``. Batch
 ``b`` is drawn from ``default_rng([seed, b])``, so a resumed run redraws the same sites.
+An adaptive proposal (``AdaptiveMixture``) is re-fitted after every batch from the batches
+before it; each batch is weighted by the proposal that drew it, which keeps ``mean(w * d)``
+unbiased (a martingale).
 
 >>> est = summarise(np.array([0.0, 0.5, 0.0, 0.0]), np.ones(4), golden=0.9)
 >>> round(est.ra, 3), est.samples
@@ -104,13 +107,19 @@ def estimate_ra(p: Distribution, evaluate: Evaluate, golden_accuracy: float, *,
     """Sequential MC (``q`` None) or importance-sampling estimate of RA under ``p``.
 
     ``record(first_seq, sites, q, p, acc)`` is called once per batch (e.g. a store);
-    ``weight_bound`` bounds ``P/q`` (``1/alpha`` for a defensive mixture).
+    ``weight_bound`` bounds ``P/q`` (``1/alpha`` for a defensive mixture). An adaptive ``q``
+    (with ``reset()`` and ``update(sites, drops)``, e.g.
+    :class:`~flipguard.ra.proposal.AdaptiveMixture`) is reset first and updated after every
+    batch; each batch is drawn from (and weighted by) the proposal fitted on earlier batches.
 
     >>> est = estimate_ra(p, evaluate, 0.95, target_margin=0.005)  # doctest: +SKIP
     """
     _check(target_margin, max_samples, min_samples, batch)
     mc = q is None
     prop = p if q is None else q
+    adaptive = callable(getattr(q, "update", None))
+    if adaptive:
+        q.reset()  # type: ignore[union-attr]
     bound = 1.0 if mc else float(weight_bound if weight_bound is not None else np.inf)
     drops: list[np.ndarray] = []
     weights: list[np.ndarray] = []
@@ -132,6 +141,8 @@ def estimate_ra(p: Distribution, evaluate: Evaluate, golden_accuracy: float, *,
             record(n, sites, qq, pp, acc)
         drops.append(golden_accuracy - acc)
         weights.append(pp / qq)
+        if adaptive:
+            q.update(sites, drops[-1])  # type: ignore[union-attr]
         n, b = n + k, b + 1
         w_all = np.concatenate(weights)
         est = summarise(np.concatenate(drops), w_all, golden_accuracy, confidence,
@@ -200,7 +211,7 @@ class RAConfig:
 
     hardware: str = "uniform"
     estimator: str = "mc"
-    proposal: str = "pilot"
+    proposal: str = "adaptive"
     alpha: float = 0.2
     pilot: int = 2
     target_margin: float = 0.01
@@ -277,7 +288,9 @@ def resiliency_accuracy(engine: Any, cfg: RAConfig, store: Any | None = None,
         prop = make_proposal(cfg.proposal, **kwargs)
         ctx = ProposalContext(engine.model, engine.inputs, engine.task.labels,
                               engine.task.kind, evaluate, golden, cfg.fmt, cfg.seed)
-        q = defensive(p, prop.heuristic(p, ctx), cfg.alpha)
+        mixture = getattr(prop, "mixture", None)
+        q = (mixture(p, ctx, cfg.alpha) if callable(mixture)
+             else defensive(p, prop.heuristic(p, ctx), cfg.alpha))
         prop_cfg, ctx_info = prop.config(), ctx.info
     info = cfg.stream_info(hw.config(), prop_cfg)
     key = stream_key(info)
@@ -290,6 +303,9 @@ def resiliency_accuracy(engine: Any, cfg: RAConfig, store: Any | None = None,
                       min_samples=cfg.min_samples, batch=cfg.batch, seed=cfg.seed,
                       weight_bound=None if q is None else 1.0 / cfg.alpha, record=record,
                       progress=progress)
+    summary = getattr(q, "summary", None)
+    if callable(summary):
+        ctx_info = {**ctx_info, "adaptive": summary()}
     return result_dict(est, cfg, p, info, key, getattr(evaluate, "injected", None),
                        engine, ctx_info)
 

@@ -1,5 +1,6 @@
 """The plain-language summary and the run-configuration sections.
 
+>>> from pathlib import Path
 >>> ctx = ReportContext(Path("runs/demo"), metrics={"image_auroc": 0.9, "n_test": 10})
 >>> summary_lines(ctx)[0].startswith("The detector reaches an image AUROC of 0.9")
 True
