@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from flipguard.campaign.planner import PlanConfig, make_plan
 from flipguard.campaign.runner import (
     RunEngineFactory,
     chunks_of,
+    first_faults,
     open_campaign,
     probe_rate,
     refine,
@@ -139,11 +141,21 @@ def test_limit_probe_and_chunks(reference, tmp_path):
     probed = {ids[0], ids[round((len(ids) - 1) / 2)], ids[-1]}
     assert per is not None and per > 0 and set(outcomes(store.path)) == probed
     seen = []
+    pending = store.pending()
     res = run_campaign(store, factory, engine=engine, limit=10,
                        progress=lambda d, t: seen.append((d, t)))
     assert res["ran"] == 10 and store.counts()["done"] == 13
     assert seen[0] == (3, len(expected)) and seen[-1] == (13, len(expected))
-    first = [i for i in ids if i not in probed][:10]
+    seed = store.definition["plan"]["seed"]
+    first = [pf.fault_id for pf in first_faults(pending, 10, seed)]
+    layers = {pf.fault.layer for pf in pending}
+    per = Counter(pf.fault.layer for pf in pending if pf.fault_id in first)
+    counts = [per.get(layer, 0) for layer in layers]
+    assert sum(counts) == 10 and max(counts) - min(counts) <= 1  # every layer advances
+    for layer in layers:  # each layer's share is the head of its permuted order
+        mine = [pf.fault_id for c in chunks_of(pending, 10**6, seed) for pf in c
+                if pf.fault.layer == layer]
+        assert set(mine[:per[layer]]) == {i for i in first if i in mine}
     assert set(outcomes(store.path)) == probed | set(first)
     assert outcomes(store.path) == {k: expected[k] for k in probed | set(first)}
     run_campaign(store, factory, engine=engine)

@@ -40,6 +40,7 @@ from flipguard.campaign.store import CampaignStore, StoreError, store_path
 from flipguard.errors import ConfigError
 
 __all__ = ["Chunk", "RunEngineFactory", "chunks_of", "ensure_golden", "execute_chunk",
+           "first_faults",
            "open_campaign", "probe_rate", "refine", "run_campaign", "tensor_fingerprint",
            "top_up"]
 
@@ -168,14 +169,25 @@ def chunks_of(faults: Sequence[PlannedFault], chunk: int = 32, seed: int = 0
     the chunks go round-robin over the layers (every layer advances at the same pace)."""
     if chunk < 1:
         raise ConfigError(f"chunk: expected >= 1, got {chunk}")
+    runs = []
+    for g, members in enumerate(_permuted(faults, seed)):
+        runs += [((i // chunk, g), members[i:i + chunk]) for i in range(0, len(members), chunk)]
+    return [c for _, c in sorted(runs, key=lambda r: r[0])]
+
+
+def first_faults(faults: Sequence[PlannedFault], k: int, seed: int = 0) -> list[PlannedFault]:
+    """The ``k`` faults a limited run executes: one per layer in turn, each layer's in the
+    permuted order of :func:`chunks_of` (every layer advances, a uniform subsample of each)."""
+    groups = _permuted(faults, seed)
+    order = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+    return order[:k]
+
+
+def _permuted(faults: Sequence[PlannedFault], seed: int) -> list[list[PlannedFault]]:
     groups: dict[tuple[str, str], list[PlannedFault]] = {}
     for pf in sorted(faults, key=lambda f: f.fault_id):
         groups.setdefault((pf.fault.layer, pf.fault.target), []).append(pf)
-    runs = []
-    for g, members in enumerate(groups.values()):
-        members.sort(key=lambda pf: _order_key(seed, pf.fault_id))
-        runs += [((i // chunk, g), members[i:i + chunk]) for i in range(0, len(members), chunk)]
-    return [c for _, c in sorted(runs, key=lambda r: r[0])]
+    return [sorted(g, key=lambda pf: _order_key(seed, pf.fault_id)) for g in groups.values()]
 
 
 def _order_key(seed: int, fault_id: int) -> bytes:
@@ -247,8 +259,9 @@ def run_campaign(store: CampaignStore, factory: Any, *, engine: Any = None, work
                  ray: str | None = None, limit: int | None = None, chunk: int = 32,
                  progress: Progress | None = None,
                  faults: Sequence[PlannedFault] | None = None) -> dict[str, Any]:
-    """Execute the pending faults of ``store`` (at most ``limit``; only those of ``faults``
-    when given); returns a summary ``{"ran", "planned", "done", "seconds", "rate"}``."""
+    """Execute the pending faults of ``store`` (only those of ``faults`` when given; at most
+    ``limit``, chosen by :func:`first_faults`, so a limited run is a fair partial campaign
+    too); returns a summary ``{"ran", "planned", "done", "seconds", "rate"}``."""
     if workers < 1:
         raise ConfigError(f"workers: expected >= 1, got {workers}")
     seed = int(store.definition.get("plan", {}).get("seed", 0))
@@ -256,9 +269,10 @@ def run_campaign(store: CampaignStore, factory: Any, *, engine: Any = None, work
         todo_ids = set(store.pending_ids()) & {pf.fault_id for pf in faults}
         pending = store.faults_by_id(sorted(todo_ids)[:limit])
         pages: Iterable[list[list[PlannedFault]]] = [chunks_of(pending, chunk, seed)]
+    elif limit is not None:
+        pages = [chunks_of(first_faults(store.pending(), limit, seed), chunk, seed)]
     else:  # lazily, one window of fault ids at a time (aligned on chunk boundaries)
-        pages = (chunks_of(page, chunk, seed)
-                 for page in store.pending_pages(chunk * 2048, limit))
+        pages = (chunks_of(page, chunk, seed) for page in store.pending_pages(chunk * 2048))
     counts = store.counts()
     t0 = time.perf_counter()
     local = ray is None and workers == 1
