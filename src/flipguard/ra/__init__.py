@@ -13,6 +13,7 @@ docs/resiliency-accuracy.md.
 ['weight']
 """
 
+from flipguard.ra.adaptive import AdaptiveMixture, AdaptiveProposal
 from flipguard.ra.distribution import Block, Distribution, Mixture, SiteDistribution, Sites, Term
 from flipguard.ra.estimators import (
     EngineEvaluator,
@@ -39,8 +40,6 @@ from flipguard.ra.exposure import (
 )
 from flipguard.ra.proposal import (
     PROPOSALS,
-    AdaptiveMixture,
-    AdaptiveProposal,
     BitFieldProposal,
     GradientProposal,
     PilotProposal,

@@ -109,7 +109,7 @@ def estimate_ra(p: Distribution, evaluate: Evaluate, golden_accuracy: float, *,
     ``record(first_seq, sites, q, p, acc)`` is called once per batch (e.g. a store);
     ``weight_bound`` bounds ``P/q`` (``1/alpha`` for a defensive mixture). An adaptive ``q``
     (with ``reset()`` and ``update(sites, drops)``, e.g.
-    :class:`~flipguard.ra.proposal.AdaptiveMixture`) is reset first and updated after every
+    :class:`~flipguard.ra.adaptive.AdaptiveMixture`) is reset first and updated after every
     batch; each batch is drawn from (and weighted by) the proposal fitted on earlier batches.
 
     >>> est = estimate_ra(p, evaluate, 0.95, target_margin=0.005)  # doctest: +SKIP
