@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def command(script: str, argv: list[str] | None, prefix: str = "") -> str:
+    """The command line that produced a benchmark's output (``argv`` or ``sys.argv``)."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"{prefix}python benchmarks/{script} " + " ".join(args)
 
 
 def emit(summary: dict, save: str | None, as_json: bool, text: Callable[[], str],

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _emit import emit
+from _emit import command, emit
 from scipy.stats import norm
 
 MODELS = ("uniform", "memory", "systolic")
@@ -178,8 +178,7 @@ def report(out: dict, args, argv) -> str:
     for m, row in out["needed"].items():
         lines.append(f"| ±{100 * m:.3g} % | {row['mc (MC samples)']} | "
                      f"{row['mc (IS samples)']} | {row['is']} | {row['ratio']:.1f}× |")
-    cmd = " ".join(["python benchmarks/bench_ra.py", *(argv or sys.argv[1:])])
-    return "\n".join(lines + ["", f"command: {cmd}"])
+    return "\n".join(lines + ["", f"command: {command('bench_ra.py', argv or None)}"])
 
 
 if __name__ == "__main__":

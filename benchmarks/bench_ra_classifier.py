@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _emit import emit
+from _emit import command, emit
 from scipy.stats import norm
 from torch import nn
 
@@ -364,8 +364,7 @@ def report(s: dict, args, argv) -> str:
         for k, v in s["check"].items():
             lines.append(f"* {k}: RA {v['ra']:.4f} ± {v['half_width']:.4f}, {v['samples']} "
                          f"samples, {v['injections']} injections, {v['seconds']:.0f} s")
-    cmd = " ".join(["python benchmarks/bench_ra_classifier.py", *(argv or sys.argv[1:])])
-    return "\n".join(lines + ["", f"command: {cmd}"])
+    return "\n".join(lines + ["", f"command: {command('bench_ra_classifier.py', argv or None)}"])
 
 
 if __name__ == "__main__":
