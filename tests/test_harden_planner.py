@@ -106,6 +106,24 @@ def test_budget_respected(budget: float) -> None:
         pytest.approx(plan.expected_removed)
 
 
+def test_layer_invariants_taken_without_observed_critical_faults() -> None:
+    """A sampled campaign may see no critical fault in a layer's invariant bits; the free,
+    exact invariant is still taken (a held-out sample would hit those bits)."""
+    net = tiny_model()
+    rows = [r for r in rows_for(net, CFR) if r["layer"] == "0"]
+    rows += [{**r, "cfr": 0.0} for r in rows_for(net, CFR) if r["layer"] == "2"]
+    for method in ("greedy", "exact"):
+        plan = plan_hardening(net, rows, budget=0.0, method=method)
+        inv = {p.layer: p for p in plan.protections if p.scheme == "invariant"}
+        assert set(inv) == {"0", "2"}, method
+        w2 = net[2].weight.detach().reshape(-1).tolist()
+        assert 30 in inv["2"].bits and all(u32(v) >> 30 & 1 == 0 for v in w2)
+        row = next(r for r in plan.table if r["layer"] == "2")
+        assert row["expected_gain"] == 0.0 and row["cost_bits"] == 0
+    cands = candidates(net, rows)  # no paid protection for a layer without critical faults
+    assert {c.protection.scheme for c in cands if c.protection.layer == "2"} == {"invariant"}
+
+
 def brute_force(cands: list[Candidate], weights: dict, budget: int) -> float:
     """Independent optimum: every subset, conflicts and budget checked directly."""
     best = 0.0
