@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 def command(script: str, argv: list[str] | None, prefix: str = "") -> str:
     """The command line that produced a benchmark's output (``argv`` or ``sys.argv``)."""
     args = sys.argv[1:] if argv is None else argv
-    return f"{prefix}python benchmarks/{script} " + " ".join(args)
+    return f"{prefix}python benchmarks/{script} " + shlex.join(args)
 
 
 def emit(summary: dict, save: str | None, as_json: bool, text: Callable[[], str],

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 
 import torch
+from _emit import command
 
 SCHEME_SETS = {"all": "tmr,parity,ecc,range,invariant", "paid": "tmr,parity,ecc"}
 
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"run": args.run, "rows": rows, "baselines": base, "setup_s": setup_s,
                "simulated_distinct": engines.simulated,
                "total_s": time.perf_counter() - t_all,
-               "command": "PYTHONPATH=src python benchmarks/bench_harden.py "
-                          + shlex.join(sys.argv[1:] if argv is None else argv)}
+               "command": command("bench_harden.py", argv, prefix="PYTHONPATH=src ")}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return summary

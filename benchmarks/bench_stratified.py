@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 
 import numpy as np
 import torch
+from _emit import command
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                "stratified_s": round(time_s + predictor_s, 1),
                "ratio_time": time_u / max(time_s + predictor_s, 1e-9),
                "all_agree": all(r["agree"] for r in rows), "layers": rows,
-               "command": "PYTHONPATH=src python benchmarks/bench_stratified.py "
-                          + shlex.join(sys.argv[1:] if argv is None else argv)}
+               "command": command("bench_stratified.py", argv, prefix="PYTHONPATH=src ")}
     if args.json:
         print(json.dumps(summary, indent=2))
         return summary

@@ -265,12 +265,12 @@ def run_campaign(store: CampaignStore, factory: Any, *, engine: Any = None, work
     if workers < 1:
         raise ConfigError(f"workers: expected >= 1, got {workers}")
     seed = int(store.definition.get("plan", {}).get("seed", 0))
-    if faults is not None:
-        todo_ids = set(store.pending_ids()) & {pf.fault_id for pf in faults}
-        pending = store.faults_by_id(sorted(todo_ids)[:limit])
+    if faults is not None or limit is not None:
+        pending = store.pending() if faults is None else store.faults_by_id(
+            sorted(set(store.pending_ids()) & {pf.fault_id for pf in faults}))
+        if limit is not None:
+            pending = first_faults(pending, limit, seed)
         pages: Iterable[list[list[PlannedFault]]] = [chunks_of(pending, chunk, seed)]
-    elif limit is not None:
-        pages = [chunks_of(first_faults(store.pending(), limit, seed), chunk, seed)]
     else:  # lazily, one window of fault ids at a time (aligned on chunk boundaries)
         pages = (chunks_of(page, chunk, seed) for page in store.pending_pages(chunk * 2048))
     counts = store.counts()

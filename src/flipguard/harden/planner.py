@@ -342,7 +342,7 @@ def _layer_invariant(c: Candidate) -> bool:
     """A whole-layer invariant: costs nothing, changes no fault-free value and masks its bits'
     flips in every word, so it is taken even where the campaign saw no critical fault there
     (a sampled campaign misses whole cells; the held-out check in BENCHMARKS §5 shows why)."""
-    return c.cost == 0 and c.protection.scheme == "invariant" and c.protection.kernel is None
+    return c.protection.scheme == "invariant" and c.protection.kernel is None
 
 
 def plan_hardening(model: nn.Module, rows: Sequence[Mapping[str, Any]],
