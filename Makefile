@@ -1,19 +1,25 @@
 # flipguard — two commands do all the set-up: `make demo` and `make test`.
+# Installs come from requirements.lock (exact versions, resolved with uv for CPython 3.11 on
+# x86-64 Linux); `make lock` refreshes it deliberately. torch is installed first from $(TORCH)
+# (the CPU build), so no CUDA packages are pulled in.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+UV_VERSION ?= 0.13.9
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+UV := UV_NATIVE_TLS=1 $(BIN)/uv
+UVPIP := $(UV) pip install --quiet --python $(BIN)/python
 
-.PHONY: demo test install lint browser clean
+.PHONY: demo test install lint lock browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,ray]"
+$(STAMP): $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/python -m pip install --quiet "$(TORCH)" "uv==$(UV_VERSION)"
+	$(UVPIP) -r requirements.lock
+	$(UVPIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,11 +34,22 @@ browser:
 	  && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the browser test of the report will skip"; }
 
+# Unit and integration tests plus every docstring example (--doctest-modules, see pyproject).
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+
+# Refresh the lock on purpose (never done by demo/test): newest versions that satisfy
+# pyproject.toml, torch itself excluded (it comes from $(TORCH)).
+lock: $(BIN)/python
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	echo "$(TORCH)+cpu" > $(VENV)/torch-override.txt
+	$(UV) pip compile pyproject.toml --extra dev --extra ray --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
+	  --override $(VENV)/torch-override.txt --no-emit-package torch \
+	  --custom-compile-command "make lock" -o requirements.lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -10,12 +10,13 @@ import struct
 import numpy as np
 import pytest
 import torch
-from pytorchfi.core import fault_injection
 from torch import nn
 
 from flipguard.faults import Fault
 from flipguard.inject import DetectionTask, Engine
 from models_zoo import smooth_images, tiny_cae
+
+fault_injection = pytest.importorskip("pytorchfi.core").fault_injection
 
 TYPES = [nn.Conv2d, nn.ConvTranspose2d]
 N = 8
