@@ -168,3 +168,87 @@ def test_refine_via_cli(tmp_path):
     assert sum(s["done"] for s in status["by_stratum"]) == status["done"]
     bad = invoke("campaign", "run", run, *opts, "--refine", "--criterion", "colour")
     assert bad.exit_code == 2 and "criterion" in bad.stderr
+
+
+def test_plan_t_table_and_stuck_at_population(tmp_path, monkeypatch):
+    """`--t table` plans with the two-decimal t (hand formula at 2.58, nearest), records it in
+    the plan; the human output says what the stuck-at population counts (no-op half included
+    by default) and `--stuck-at effective` halves N."""
+    import math
+
+    (tmp_path / "convmodels.py").write_text(
+        "import torch\n"
+        "def small():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(8, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["campaign", "plan", "--model", "convmodels:small", "--fault-model", "stuck-at",
+            "--error", "0.01", "--confidence", "0.99", "--rounding", "nearest"]
+    table = json.loads(invoke(*base, "--t", "table", "--json").stdout)
+    assert table["t"] == 2.58 and table["config"]["t"] == "table"
+    for s in table["strata"]:
+        raw = s["N"] / (1 + 1e-4 * (s["N"] - 1) / (2.58 ** 2 * 0.25))
+        assert s["n"] == math.floor(raw + 0.5)
+    exact = json.loads(invoke(*base, "--json").stdout)
+    assert "t" not in exact["config"] and exact["t"] == pytest.approx(2.5758293)
+    assert [s["n"] for s in exact["strata"]] == [leveugle_n(s["N"], 0.01, 0.99, 0.5, "nearest")
+                                                 for s in exact["strata"]]
+    eff = json.loads(invoke(*base, "--stuck-at", "effective", "--json").stdout)
+    assert [s["N"] for s in eff["strata"]] == [s["N"] // 2 for s in exact["strata"]]
+    assert all(s["effective"] for s in eff["strata"])
+    def text(*args: str) -> str:  # rich wraps at the terminal width
+        res = invoke(*args)
+        assert res.exit_code == 0, res.output
+        return " ".join(res.output.split())
+
+    human = text(*base, "--t", "table")
+    assert "t=2.58 (table)" in human and "including the no-op half" in human
+    assert "only the stuck-at faults that change the" in text(*base, "--stuck-at", "effective")
+    flips = text("campaign", "plan", "--model", "convmodels:small")
+    assert "one flip each" in flips and "t=2.576 (exact)" in flips
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--t", "student"], "t:"), (["--stuck-at", "half"], "stuck-at:"),
+    (["--stuck-at", "effective"], "needs --fault-model stuck-at")])
+def test_invalid_conventions_exit_with_one_line(tiny, args, needle):
+    run, _ = tiny
+    res = invoke("campaign", "plan", run, "--probe", "0", *args)
+    assert res.exit_code == 2
+    err = res.stderr.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_resume_with_another_t_is_refused(tiny):
+    run, _ = tiny
+    for extra in (["--t", "table"], ["--fault-model", "stuck-at"]):
+        res = invoke("campaign", "run", run, *PLAN_ARGS, *extra, "--images", "6", "--limit", "0")
+        assert res.exit_code == 2 and "different plan" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_effective_stuck_at_campaign_runs_no_noop(tmp_path):
+    """An effective stuck-at campaign executes only faults that change the stored bit (no
+    outcome is a no-op, each kind opposes the stored bit); the default one records no-ops."""
+    from test_runner import make_tiny_run
+
+    run = make_tiny_run(tmp_path, seed=3)
+    opts = ["--strata", "layer", "--error", "0.3", "--confidence", "0.9", "--layers",
+            "encoder.0,decoder.16", "--images", "4", "--fault-model", "stuck-at"]
+    res = invoke("campaign", "run", run, *opts, "--stuck-at", "effective", "--json")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "eff.csv"
+    assert invoke("campaign", "export", run, "--out", out).exit_code == 0
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert rows and all(r["noop"] == "False" for r in rows)
+    for r in rows:
+        word = state[f"{r['layer']}.weight"].flatten()[int(r["index"])].view(torch.int32).item()
+        bit = (word >> int(r["bits"])) & 1
+        assert r["kind"] == ("stuck-at-0" if bit else "stuck-at-1")
+    res = invoke("campaign", "run", run, *opts, "--fresh", "--json")
+    assert res.exit_code == 0, res.output
+    assert invoke("campaign", "export", run, "--out", out).exit_code == 0
+    with open(out, newline="") as fh:
+        assert any(r["noop"] == "True" for r in csv.DictReader(fh))

@@ -1,12 +1,15 @@
 """Campaign planning: strata, Leveugle sample sizes, data-aware priors, seeded fault lists.
 
 The population of a stratum is ``sites x kinds`` (a bit flip has one kind, stuck-at two:
-stuck-at-0 and stuck-at-1). Stratum-local fault ``j`` is site ``j // K`` of the stratum (see
-``flipguard.faults.SiteSpace``) with kind ``kinds[j % K]``. Each stratum draws with its own
-``numpy`` generator seeded by ``SeedSequence([seed, round, *sha256(key)])``, so adding or
-removing a stratum never changes the faults of another.
+stuck-at-0 and stuck-at-1, the no-op half included). Stratum-local fault ``j`` is site
+``j // K`` of the stratum (see ``flipguard.faults.SiteSpace``) with kind ``kinds[j % K]``;
+with ``stuck_at="effective"`` the population is the sites and fault ``j`` is site ``j`` with
+the stuck value that changes its stored bit (:mod:`flipguard.campaign.conventions`). Each
+stratum draws with its own ``numpy`` generator seeded by
+``SeedSequence([seed, round, *sha256(key)])``, so adding or removing a stratum never changes
+the faults of another.
 
->>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+>>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
 >>> plan = make_plan(net, PlanConfig(strata="layer", error=0.05, confidence=0.95))
 >>> plan.population, [s.n for s in plan.strata]
 (1088, [231, 220])
@@ -18,24 +21,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from flipguard.campaign.stats import (
-    ROUNDINGS,
-    allocate,
-    check_confidence,
-    check_error,
-    check_p,
-    leveugle_n,
+from flipguard.campaign.conventions import (
+    check_stuck_at,
+    check_t,
+    effective_counts,
+    plan_t,
+    sample_size,
 )
+from flipguard.campaign.priors import P_FLOOR, data_aware_p
+from flipguard.campaign.sampling import draw_faults, stratum_rng
+from flipguard.campaign.stats import ROUNDINGS, allocate, check_confidence, check_error, check_p
 from flipguard.errors import ConfigError
-from flipguard.faults import Fault, SiteSpace, apply_bits, get_format
+from flipguard.faults import Fault, SiteSpace, get_format
 from flipguard.inject.outcomes import parse_criterion
 
 __all__ = ["FAULT_MODELS", "P_FLOOR", "SAMPLINGS", "STRATA", "Plan", "PlanConfig",
@@ -47,8 +50,6 @@ FAULT_MODELS: dict[str, tuple[str, ...]] = {"bitflip": ("flip",),
 STRATA = ("network", "layer", "layer,bit", "layer,field", "layer,kernel", "layer,bit,kernel",
           "layer,field,kernel")
 SAMPLINGS = ("uniform", "stratified")
-P_FLOOR = 0.01
-"""Data-aware priors are clamped to [P_FLOOR, 1 - P_FLOOR] (see docs/campaigns.md)."""
 
 
 def _canon_strata(text: str) -> str:
@@ -69,10 +70,14 @@ def _canon_strata(text: str) -> str:
 class PlanConfig:
     """What to inject and how precisely. ``p`` is a number in (0, 1) or ``"data-aware"``;
     ``user_strata`` (a list of ``{"layer", "target", "bit", "bits", "kernel", "n"}`` objects)
-    replaces ``strata`` when given.
+    replaces ``strata`` when given. ``t``: ``"exact"`` normal quantile or ``"table"`` (two
+    decimals, 2.58 at 99 %); ``stuck_at``: ``"all"`` (both stuck values, the no-op half
+    included) or ``"effective"`` (only faults that change the stored bit).
 
     >>> PlanConfig(strata="bit,layer", p="0.5").strata
     'layer,bit'
+    >>> PlanConfig(confidence=0.99, t="table").sample_size(10**9)
+    16641
     """
 
     strata: str = "layer"
@@ -88,6 +93,8 @@ class PlanConfig:
     user_strata: tuple[dict[str, Any], ...] | None = field(default=None)
     sampling: str = "uniform"
     criterion: str = "accuracy-drop:0.01"
+    t: str = "exact"
+    stuck_at: str = "all"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -120,10 +127,29 @@ class PlanConfig:
         if self.sampling not in SAMPLINGS:
             raise ConfigError(f"sampling: expected uniform or stratified, got {self.sampling!r}")
         set_("criterion", parse_criterion(self.criterion).text)
+        check_t(self.t)
+        plan_t(self.confidence, self.t)
+        if check_stuck_at(self.stuck_at) == "effective" and self.fault_model != "stuck-at":
+            raise ConfigError("stuck-at: 'effective' needs --fault-model stuck-at")
+        if self.sampling == "stratified" and (self.t, self.stuck_at) != ("exact", "all"):
+            raise ConfigError("sampling: 'stratified' supports only --t exact and "
+                              "--stuck-at all")
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return FAULT_MODELS[self.fault_model]
+
+    @property
+    def t_value(self) -> float:
+        """The ``t`` of the sample-size formula (convention ``t`` at ``confidence``)."""
+        return plan_t(self.confidence, self.t)
+
+    def sample_size(self, N: int, p: float | None = None) -> int:
+        """Leveugle ``n`` for a population ``N`` at this margin, confidence, ``t`` convention
+        and rounding, with prior ``p`` (default: the configured number; 0.5 if data-aware)."""
+        if p is None:
+            p = self.p if isinstance(self.p, float) else 0.5
+        return sample_size(N, self.error, self.confidence, p, self.rounding, self.t)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -131,6 +157,9 @@ class PlanConfig:
             d[k] = None if d[k] is None else list(d[k])
         if self.sampling == "uniform":  # uniform plans keep their digests
             del d["sampling"], d["criterion"]
+        for k, default in (("t", "exact"), ("stuck_at", "all")):  # so do the defaults
+            if d[k] == default:
+                del d[k]
         return d
 
     @classmethod
@@ -149,7 +178,9 @@ class PlanConfig:
 
 @dataclass
 class PlannedStratum:
-    """One stratum: ``N`` = sites x kinds, ``n`` planned faults, prior ``p``."""
+    """One stratum: ``N`` = sites x kinds (sites when ``effective``: only the stuck-at faults
+    that change the stored bit, per-kind populations in ``counts``), ``n`` planned faults,
+    prior ``p``."""
 
     key: str
     layer: str
@@ -168,11 +199,14 @@ class PlannedStratum:
     crit: int | None = None  # criticality sub-stratum: predicted class,
     parent: str | None = None  # the stratum it splits,
     counts: tuple[tuple[int, int, int, int], ...] | None = None  # (kind, bit, kernel, count)
+    effective: bool = False  # stuck-at population without the no-op half
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("bits", "bit_list", "kinds"):
             d[k] = None if d[k] is None else list(d[k])
+        if not d["effective"]:
+            del d["effective"]
         return {k: v for k, v in d.items() if v is not None or k not in ("crit", "parent",
                                                                          "counts")}
 
@@ -231,7 +265,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "population": self.population,
-                "total": self.total, "strata": [s.to_dict() for s in self.strata]}
+                "total": self.total, "t": self.config.t_value,
+                "strata": [s.to_dict() for s in self.strata]}
 
     def faults(self, start_id: int = 0) -> list[PlannedFault]:
         """All planned faults, ids ``start_id..`` in stratum order, sorted by ``k`` within."""
@@ -243,78 +278,6 @@ class Plan:
             out += [PlannedFault(start_id + len(out) + i, s.key, k, f, kern)
                     for i, (k, f, kern) in enumerate(drawn)]
         return out
-
-
-def stratum_rng(seed: int, key: str, round_: int = 0) -> np.random.Generator:
-    """Generator of one stratum: ``SeedSequence([seed, round, *sha256(key) words])``."""
-    words = np.frombuffer(hashlib.sha256(key.encode()).digest(), dtype=np.uint32)
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(round_),
-                                                         *map(int, words)]))
-
-
-def _choose(rng: np.random.Generator, total: int, n: int, exclude: np.ndarray) -> np.ndarray:
-    excl = np.unique(exclude.astype(np.int64))
-    left = total - len(excl)
-    if not 0 <= n <= left:
-        raise ConfigError(f"n: expected 0..{left} faults left in the stratum, got {n}")
-    r = rng.choice(left, size=n, replace=False).astype(np.int64)
-    if len(excl):  # r-th value not excluded
-        r = r + np.searchsorted(excl - np.arange(len(excl)), r, side="right")
-    return np.sort(r)
-
-
-def draw_faults(space: SiteSpace, s: PlannedStratum, n: int, seed: int,
-                kinds: Sequence[str] = ("flip",), round_: int = 0,
-                exclude: Iterable[int] = ()) -> list[tuple[int, Fault, int]]:
-    """``n`` distinct faults ``(k, Fault, kernel)`` of stratum ``s`` drawn uniformly without
-    replacement, skipping stratum-local numbers ``exclude`` (for top-ups)."""
-    K = len(kinds)
-    ks = _choose(stratum_rng(seed, s.key, round_), s.N, n,
-                 np.fromiter(exclude, dtype=np.int64))
-    if not len(ks):
-        return []
-    idx, bits = space.decode(s.layer, ks // K, s.bit, s.kernel, s.bits, s.target)
-    kern = np.atleast_1d(space.layer(s.layer, s.target).kernel_of(idx))
-    return [(int(k), Fault(s.target, s.layer, int(i), (int(b),), kinds[int(k) % K]), int(c))
-            for k, i, b, c in zip(ks.tolist(), idx.tolist(), bits.tolist(), kern.tolist(),
-                                  strict=True)]
-
-
-def _critical_counts(space: SiteSpace, layer: str, target: str, kinds: Sequence[str],
-                     cache: dict) -> np.ndarray:
-    """counts[kind, bit, kernel]: elements whose fault moves the stored value by more than
-    the tensor's largest magnitude (or makes it non-finite) — the data-aware proxy."""
-    key = (layer, target)
-    if key in cache:
-        return cache[key]
-    ls = space.layer(layer, target)
-    tensor = getattr(space.modules[layer], target).detach().float().cpu()
-    fmt = space.bound_format(layer, target, tensor)
-    base = fmt.decode(fmt.encode(tensor))
-    limit = base.abs().max().item()
-    kern = np.asarray(ls.kernel_of(np.arange(ls.numel)), dtype=np.int64)
-    counts = np.zeros((len(kinds), fmt.bits, ls.n_kernels))
-    with torch.no_grad():
-        for ki, kind in enumerate(kinds):
-            for b in range(fmt.bits):
-                faulty = apply_bits(tensor, 1 << b, kind, fmt)
-                crit = ~torch.isfinite(faulty) | ((faulty - base).abs() > limit)
-                counts[ki, b] = np.bincount(kern, weights=crit.reshape(-1).numpy(),
-                                            minlength=ls.n_kernels)
-    cache[key] = counts
-    return counts
-
-
-def data_aware_p(space: SiteSpace, s: PlannedStratum, kinds: Sequence[str],
-                 cache: dict | None = None) -> float:
-    """Prior of stratum ``s`` from the weights' bits: the fraction of its faults that move
-    a weight by more than the layer's largest magnitude (or to inf/NaN), clamped to
-    ``[P_FLOOR, 1 - P_FLOOR]``."""
-    counts = _critical_counts(space, s.layer, s.target, kinds, {} if cache is None else cache)
-    bits = list(_bits_of(space, s.bit, s.bits))
-    sub = counts[:, bits, :] if s.kernel is None else counts[:, bits, s.kernel:s.kernel + 1]
-    p = float(sub.sum()) / max(s.N, 1)
-    return min(max(p, P_FLOOR), 1.0 - P_FLOOR)
 
 
 def _user_strata(space: SiteSpace, items: Sequence[dict[str, Any]]) -> list[PlannedStratum]:
@@ -398,13 +361,17 @@ def make_plan(model: nn.Module, config: PlanConfig, predictor: Any = None) -> Pl
         s.elements = ls.numel if s.kernel is None else ls.kernel_numel
         s.kinds = tuple(kinds)
         s.N = s.sites * len(kinds)
+        if config.stuck_at == "effective":
+            s.effective, s.N = True, s.sites
+            s.counts = effective_counts(space, s.layer, s.target, s.bit_list, s.kernel, kinds,
+                                        cache)
         s.p = (data_aware_p(space, s, kinds, cache) if config.p == "data-aware"
                else float(config.p))
     if config.strata == "network":
         N = sum(s.N for s in strata)
         p = sum(s.p * s.N for s in strata) / N if config.p == "data-aware" else float(config.p)
         p = min(max(p, P_FLOOR), 1 - P_FLOOR)
-        n = leveugle_n(N, config.error, config.confidence, p, config.rounding)
+        n = config.sample_size(N, p)
         for s, k in zip(strata, allocate(n, [s.N for s in strata]), strict=True):
             s.n = k
     else:
@@ -416,7 +383,7 @@ def make_plan(model: nn.Module, config: PlanConfig, predictor: Any = None) -> Pl
                     raise ConfigError(f"strata[{i}].n: expected 0..{s.N}, got {fixed}")
                 s.n = int(fixed)
             else:
-                s.n = leveugle_n(s.N, config.error, config.confidence, s.p, config.rounding)
+                s.n = config.sample_size(s.N, s.p)
     if config.sampling == "stratified":
         from flipguard.criticality.campaign import stratify_plan
 

@@ -35,9 +35,9 @@ from flipguard.campaign.planner import (
     draw_faults,
     make_plan,
 )
-from flipguard.campaign.stats import leveugle_n
-from flipguard.campaign.store import CampaignStore, StoreError, store_path
+from flipguard.campaign.store import CampaignStore, StoreError, store_path, writer_lock
 from flipguard.errors import ConfigError
+from flipguard.fingerprint import tensor_fingerprint
 
 __all__ = ["Chunk", "RunEngineFactory", "chunks_of", "ensure_golden", "execute_chunk",
            "first_faults",
@@ -48,17 +48,6 @@ Chunk = tuple[list[int], list[dict[str, Any]]]
 """Executed chunk: fault ids and their ``Outcome.to_dict()`` rows."""
 Progress = Callable[[int, int], None]
 """progress(done, total)."""
-
-
-def tensor_fingerprint(*arrays: Any) -> str:
-    """sha256 over tensors/arrays (dtype, shape, bytes)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        t = a.detach().cpu().contiguous() if isinstance(a, torch.Tensor) else torch.as_tensor(
-            np.ascontiguousarray(a))
-        h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 _PARTS: dict[Any, tuple[Any, torch.Tensor, np.ndarray]] = {}
@@ -143,12 +132,13 @@ def open_campaign(run: str | Path, config: PlanConfig, factory: Any, *, fresh: b
         from flipguard.criticality.campaign import predictor_for_factory
 
         predictor = predictor_for_factory(factory, config)
-    plan = make_plan(model if model is not None else factory.model(), config, predictor)
-    definition = {"plan": config.to_dict(), "plan_digest": digest,
-                  "model_fingerprint": fps["model"], "data_fingerprint": fps["data"],
-                  "task_fingerprint": fps["task"], "flipguard_version": __version__,
-                  "population": plan.population, "engine": _describe(factory)}
-    return CampaignStore.create(path, definition, plan.strata, plan.faults(), replace=fresh)
+    with writer_lock(path):  # a --fresh beside a live `campaign run` fails here, in one line
+        plan = make_plan(model if model is not None else factory.model(), config, predictor)
+        definition = {"plan": config.to_dict(), "plan_digest": digest,
+                      "model_fingerprint": fps["model"], "data_fingerprint": fps["data"],
+                      "task_fingerprint": fps["task"], "flipguard_version": __version__,
+                      "population": plan.population, "engine": _describe(factory)}
+        return CampaignStore.create(path, definition, plan.strata, plan.faults(), replace=fresh)
 
 
 def _describe(factory: Any) -> dict[str, Any]:
@@ -264,6 +254,14 @@ def run_campaign(store: CampaignStore, factory: Any, *, engine: Any = None, work
     too); returns a summary ``{"ran", "planned", "done", "seconds", "rate"}``."""
     if workers < 1:
         raise ConfigError(f"workers: expected >= 1, got {workers}")
+    with writer_lock(store.path):
+        return _run_campaign(store, factory, engine, workers, ray, limit, chunk, progress,
+                             faults)
+
+
+def _run_campaign(store: CampaignStore, factory: Any, engine: Any, workers: int,
+                  ray: str | None, limit: int | None, chunk: int, progress: Progress | None,
+                  faults: Sequence[PlannedFault] | None) -> dict[str, Any]:
     seed = int(store.definition.get("plan", {}).get("seed", 0))
     if faults is not None or limit is not None:
         pending = store.pending() if faults is None else store.faults_by_id(
@@ -307,6 +305,12 @@ def refine(store: CampaignStore, model: torch.nn.Module, criterion: str,
     """One refinement round (at most ``max_rounds``): re-estimate each stratum's ``p`` from
     the executed faults under ``criterion`` and append the missing faults to reach the planned
     margin. Returns the number of faults added (0 when every stratum already meets it)."""
+    with writer_lock(store.path):
+        return _refine(store, model, criterion, max_rounds)
+
+
+def _refine(store: CampaignStore, model: torch.nn.Module, criterion: str, max_rounds: int
+            ) -> int:
     from flipguard.campaign.analysis import CRITICAL, classify_store
 
     config = PlanConfig.from_dict(store.definition["plan"])
@@ -342,7 +346,7 @@ def top_up(plan: Plan, observed: dict[str, tuple[int, int]], done_k: dict[str, l
         n_obs, k_obs = observed.get(s.key, (0, 0))
         have = len(done_k.get(s.key, ()))
         p_hat = min(max(k_obs / n_obs if n_obs else 0.5, P_FLOOR), 1 - P_FLOOR)
-        target = leveugle_n(s.N, cfg.error, cfg.confidence, p_hat, cfg.rounding)
+        target = cfg.sample_size(s.N, p_hat)
         sizes[s.key] = max(target, have)
         if target > have:
             drawn = draw_faults(plan.space, s, target - have, cfg.seed, cfg.kinds, round_,

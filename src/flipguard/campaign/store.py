@@ -16,10 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from flipguard.faults import fault_from_dict, get_format
 from flipguard.fileio import replacing
 
 __all__ = ["EXPORT_FORMATS", "STORE_FILE", "CampaignStore", "StoreError", "export",
-           "store_path"]
+           "store_path", "writer_lock"]
 
 STORE_FILE = "campaign.sqlite"
 SCHEMA = """
@@ -59,7 +62,67 @@ def store_path(run_or_path: str | Path) -> Path:
     return p if p.suffix in (".sqlite", ".db") else p / STORE_FILE
 
 
+_HELD: dict[str, list[int]] = {}  # lock file -> [fd, depth] held by this process
+
+
+@contextmanager
+def writer_lock(store: str | Path) -> Iterator[None]:
+    """Hold the one-writer lock of a campaign store (``<store>.lock``, an exclusive
+    ``flock``) for the ``with`` block. Re-entrant within a process; a second process gets a
+    one-line :class:`StoreError` naming the holder's pid instead of silently racing (a
+    ``--fresh`` beside a live ``campaign run`` would otherwise replace the file under it).
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "campaign.sqlite"
+    >>> with writer_lock(p), writer_lock(p):
+    ...     (p.parent / "campaign.sqlite.lock").exists()
+    True
+    """
+    lock = str(Path(store)) + ".lock"
+    held = _HELD.get(lock)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    try:
+        Path(lock).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise StoreError(f"{lock}: cannot create the store's lock file ({exc.strerror})"
+                         ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreError(f"{store}: another flipguard process (pid {pid}) is writing this "
+                         f"campaign store; wait for it to finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[lock] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[lock]
+        os.close(fd)  # releases the flock; the file stays (unlinking a lock file races)
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    """Read-write WAL connection; a store in a read-only place opens read-only (immutable:
+    nobody can be writing it), so status/cfr/export/report work on a finished campaign
+    shipped in a read-only directory."""
+    if not _writable(path):
+        wal = Path(str(path) + "-wal")
+        live = wal.is_file() and wal.stat().st_size > 0  # un-checkpointed rows: read them too
+        return sqlite3.connect(f"{path.resolve().as_uri()}?{'mode=ro' if live else 'immutable=1'}",
+                               uri=True, isolation_level=None)
     con = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
@@ -98,7 +161,7 @@ class CampaignStore:
         path = Path(path)
         if path.exists() and not replace:
             raise StoreError(f"{path}: a campaign store already exists (use --fresh)")
-        with replacing(path, suffix=".tmp") as tmp:
+        with writer_lock(path), replacing(path, suffix=".tmp") as tmp:
             con = sqlite3.connect(tmp, isolation_level=None)
             con.executescript(SCHEMA)
             con.execute("BEGIN")
@@ -152,10 +215,13 @@ class CampaignStore:
             if mine is not None and theirs is not None and mine != theirs:
                 detail = f"{what} fingerprint {str(theirs)[:12]} != {str(mine)[:12]}"
                 if what == "plan" and isinstance(d.get("plan"), dict):
+                    plan = {"t": "exact", **d["plan"]}
+                    if plan.get("fault_model") == "stuck-at":
+                        plan.setdefault("stuck_at", "all")
                     detail = "stored: " + " ".join(
-                        f"--{k.replace('_', '-')} {v}" for k, v in d["plan"].items()
-                        if k in ("strata", "error", "confidence", "p", "fault_model", "seed")
-                        and v is not None)
+                        f"--{k.replace('_', '-')} {v}" for k, v in plan.items()
+                        if k in ("strata", "error", "confidence", "p", "fault_model", "seed",
+                                 "t", "stuck_at", "rounding") and v is not None)
                 raise StoreError(f"{self.path}: made for {hints.get(what, what)} ({detail}); "
                                  f"use --fresh to start over")
 
@@ -290,20 +356,34 @@ class CampaignStore:
         return out
 
     def _tx(self):
-        return _Transaction(self.con)
+        return _Transaction(self.con, self.path)
 
 
 class _Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error)."""
 
-    def __init__(self, con: sqlite3.Connection) -> None:
-        self.con = con
+    def __init__(self, con: sqlite3.Connection, path: Path) -> None:
+        self.con, self.path = con, path
 
     def __enter__(self) -> None:
-        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            self.con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.path}: cannot write the campaign store ({exc})") from None
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.con.execute("ROLLBACK" if exc_type else "COMMIT")
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self.con.execute("COMMIT")
+                return
+            except sqlite3.DatabaseError as err:
+                exc = err
+        try:
+            self.con.execute("ROLLBACK")
+        except sqlite3.DatabaseError:
+            pass
+        if isinstance(exc, sqlite3.OperationalError):  # read-only place, full disk, ...
+            raise StoreError(f"{self.path}: cannot write the campaign store ({exc})") from None
 
 
 def _planned_fault(row: Sequence[Any]) -> PlannedFault:

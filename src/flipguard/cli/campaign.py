@@ -30,7 +30,7 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 def _config(strata: str, error: float, confidence: float, p: str, fault_model: str,
             rounding: str, layers: str | None, targets: str, seed: int, fmt: str,
             sampling: str = "uniform", criterion: str = "accuracy-drop:0.01",
-            target_margin: float | None = None):
+            target_margin: float | None = None, t: str = "exact", stuck_at: str = "all"):
     from flipguard.campaign.planner import PlanConfig
 
     user = None
@@ -48,7 +48,7 @@ def _config(strata: str, error: float, confidence: float, p: str, fault_model: s
                       confidence=confidence, p=p, fault_model=fault_model, rounding=rounding,
                       layers=_split(layers), targets=_split(targets) or ("weight",), seed=seed,
                       fmt=fmt, user_strata=None if user is None else tuple(user),
-                      sampling=sampling, criterion=criterion)
+                      sampling=sampling, criterion=criterion, t=t, stuck_at=stuck_at)
 
 
 def _plan_table(plan_dict: dict[str, Any], title: str) -> Table:
@@ -88,6 +88,11 @@ O_SAMPLING = typer.Option("uniform", "--sampling", help="uniform | stratified (c
 O_TMARGIN = typer.Option(None, "--target-margin", help="Target CFR margin e (sets --error).")
 O_CRIT = typer.Option("accuracy-drop:0.01", "--criterion",
                       help="Criterion for --refine and the stratified predictor.")
+O_T = typer.Option("exact", "--t", help="t of the sample-size formula: exact (normal quantile) "
+                   "| table (two decimals as in published tables: 1.96 at 95 %, 2.58 at 99 %)")
+O_STUCK = typer.Option("all", "--stuck-at", help="Stuck-at population: all (default; includes "
+                       "the no-op half, bit already at the stuck value) | effective (only "
+                       "faults that change the stored bit)")
 
 
 def plan(
@@ -101,15 +106,16 @@ def plan(
                                            help="C,H,W of one input (with --model)."),
     probe: int = typer.Option(3, "--probe", min=0, help="Faults timed for the estimate."),
     sampling: str = O_SAMPLING, target_margin: float | None = O_TMARGIN,
-    criterion: str = O_CRIT,
+    criterion: str = O_CRIT, t: str = O_T, stuck_at: str = O_STUCK,
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Show the planned strata, populations, sample sizes and a time estimate."""
+    from flipguard.campaign.conventions import population_note
     from flipguard.campaign.planner import make_plan
     from flipguard.campaign.runner import RunEngineFactory, execute_chunk
 
     cfg = _config(strata, error, confidence, p, fault_model, rounding, layers, targets, seed, fmt,
-                  sampling, criterion, target_margin)
+                  sampling, criterion, target_margin, t, stuck_at)
     per_fault = None
     if model is not None:
         import torch
@@ -154,7 +160,13 @@ def plan(
         print_json(out)
         return
     console.print(_plan_table(out, f"Campaign plan ({cfg.strata}, e={cfg.error:g}, "
-                                   f"confidence={cfg.confidence:g}, p={cfg.p})"))
+                                   f"confidence={cfg.confidence:g}, t={cfg.t_value:.4g} "
+                                   f"({cfg.t}), p={cfg.p}, rounding={cfg.rounding})"))
+    console.print(population_note(cfg.fault_model, cfg.stuck_at), highlight=False)
+    if cfg.stuck_at == "effective":
+        split = [sum(s.population_of(kind=k) for s in pl.strata) for k in cfg.kinds]
+        console.print(f"effective population: stuck-at-0 {split[0]:,} (stored 1s), "
+                      f"stuck-at-1 {split[1]:,} (stored 0s)", highlight=False)
     if "predicted_total" in out:
         console.print(f"simulations for e={cfg.error:g}: uniform [bold]{out['uniform_total']:,}"
                       f"[/], stratified [bold]{total:,}[/] predicted (audit {pl.total:,} now, "
@@ -177,7 +189,7 @@ def run_cmd(
                                 "the observed p (iterative refinement; always on for "
                                 "--sampling stratified)."),
     criterion: str = O_CRIT, sampling: str = O_SAMPLING,
-    target_margin: float | None = O_TMARGIN,
+    target_margin: float | None = O_TMARGIN, t: str = O_T, stuck_at: str = O_STUCK,
     chunk: int = typer.Option(32, "--chunk", min=1, help="Faults per engine batch."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -186,7 +198,7 @@ def run_cmd(
     from flipguard.cli._core import make_progress
 
     cfg = _config(strata, error, confidence, p, fault_model, rounding, layers, targets, seed, fmt,
-                  sampling, criterion, target_margin)
+                  sampling, criterion, target_margin, t, stuck_at)
     if refine:
         from flipguard.inject import parse_criterion
 
@@ -198,6 +210,10 @@ def run_cmd(
         counts = store.counts()
         console.print(f"campaign: population [bold]{store.definition['population']:,}[/], "
                       f"planned [bold]{counts['planned']:,}[/], done {counts['done']:,}")
+        if cfg.fault_model == "stuck-at":
+            from flipguard.campaign.conventions import population_note
+
+            console.print(population_note(cfg.fault_model, cfg.stuck_at), highlight=False)
         left, probed = limit, 0
         k = min(4, left if left is not None else 4)
         per = rn.probe_rate(store, engine, k) if k else None
