@@ -213,6 +213,7 @@ def test_disk_cache_gives_identical_results(tmp_path):
     faults = _faults(model, x, seed=2, per_layer=1)[::3]
     mem = Engine(model, x, task, batch_size=BS)
     disk = Engine(model, x, task, batch_size=BS, cache_budget_bytes=0, cache_dir=tmp_path)
+    disk.prepare()  # the golden pass is an explicit (or first-use) step
     assert disk.cache.mem_bytes > 0 and disk.cache.disk_bytes > 0 and disk.stops == []
     files = list(tmp_path.glob("*.npy"))
     assert files

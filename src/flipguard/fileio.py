@@ -28,7 +28,9 @@ def replacing(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    remove_orphans(path, suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                suffix=suffix)
     tmp = Path(name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -38,6 +40,43 @@ def replacing(path: str | Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphans(path: str | Path, suffix: str = "") -> list[Path]:
+    """Remove temp files that :func:`replacing` left beside ``path`` when its process was
+    killed (``.<name>.<pid>.<random><suffix>`` whose pid no longer runs); returns them.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / ".x.json.999999999.abc").write_text("half")
+    >>> [p.name for p in remove_orphans(d / "x.json")]
+    ['.x.json.999999999.abc']
+    """
+    path = Path(path)
+    gone: list[Path] = []
+    try:
+        candidates = list(path.parent.glob(f".{path.name}.*{suffix}"))
+    except OSError:
+        return gone
+    for p in candidates:
+        pid = p.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                p.unlink()
+                gone.append(p)
+            except OSError:
+                pass
+    return gone
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

@@ -10,17 +10,19 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from flipguard.errors import FlipguardError
 from flipguard.fileio import json_clean
 
 console = Console(stderr=True)
+__all__ = ["cli_errors", "console", "escape", "fail", "print_json"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str) -> None:
     """Print one error line to stderr and exit with status 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -35,6 +37,9 @@ def cli_errors(func: F) -> F:
             fail(str(exc))
         except FileNotFoundError as exc:
             fail(f"{exc.filename}: file not found")
+        except OSError as exc:  # read-only place, full disk, a file where a folder should be
+            where = exc.filename if exc.filename is not None else "I/O"
+            fail(f"{where}: {exc.strerror or type(exc).__name__}")
 
     return wrapper  # type: ignore[return-value]
 

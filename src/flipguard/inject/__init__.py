@@ -9,17 +9,19 @@ from flipguard.inject.engine import Engine, evaluate_faults
 from flipguard.inject.injector import activation_fault, faulty_value, inject
 from flipguard.inject.outcomes import (
     CLASSES,
+    CRITICAL,
     Criterion,
     Golden,
     Outcome,
     as_arrow,
     classify,
     parse_criterion,
+    register_criterion,
 )
-from flipguard.inject.tasks import ClassificationTask, DetectionTask, Task
+from flipguard.inject.tasks import ClassificationTask, DetectionTask, Task, ToleranceTask
 
 __all__ = [
-    "CLASSES", "ClassificationTask", "Criterion", "DetectionTask", "Engine", "Golden",
-    "Outcome", "Task", "activation_fault", "as_arrow", "classify", "evaluate_faults",
-    "faulty_value", "inject", "parse_criterion",
+    "CLASSES", "CRITICAL", "ClassificationTask", "Criterion", "DetectionTask", "Engine",
+    "Golden", "Outcome", "Task", "ToleranceTask", "activation_fault", "as_arrow", "classify",
+    "evaluate_faults", "faulty_value", "inject", "parse_criterion", "register_criterion",
 ]

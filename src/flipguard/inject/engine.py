@@ -106,22 +106,58 @@ class Engine:
         self.model, self.formats = working_copy(model, self.fmt, self.device, layers)
         self._layers = set(layers) if layers is not None else None
         self.program: Program | None = None
-        self.fallback_reason: str | None = "strategy 'full' requested"
+        self._fallback_reason: str | None = "strategy 'full' requested"
         if strategy == "auto":
             try:
-                self.program, self.fallback_reason = trace(self.model), None
+                self.program, self._fallback_reason = trace(self.model), None
                 self.program.output  # noqa: B018 - raises unless a single tensor output
             except Exception as exc:  # noqa: BLE001 - any tracing failure means fallback
                 msg = str(exc).splitlines()[0][:120] if str(exc) else ""
                 self.program = None
-                self.fallback_reason = f"not traceable by torch.fx ({type(exc).__name__}: {msg})"
+                self._fallback_reason = f"not traceable by torch.fx ({type(exc).__name__}: {msg})"
         self.cache = GoldenCache(self.n, cache_budget_bytes, self.device, cache_dir)
         self._cache_dir, self._blocks, self._heap_reuse = cache_dir, channel_blocks, heap_reuse
         self._block: dict[str, int] = {}  # layer -> output-channel block size (0: full)
         self._stop_stats: dict[int, list[int]] = {}
-        with torch.no_grad(), reuse_heap(heap_reuse):
-            self._golden_run()
+        self._was_training, self._golden = was_training, None
         self.model.train(was_training)
+
+    def prepare(self) -> Engine:
+        """The golden pass (idempotent; ``run``, ``golden`` and ``golden_outputs`` call it):
+        one fault-free forward over every input that caches the cuts and the golden facts.
+        A model whose parameters or fault-free outputs are not finite is refused with one
+        line naming the tensor (its faults could not be told from golden).
+
+        >>> from flipguard.inject import ClassificationTask
+        >>> eng = Engine(torch.nn.Linear(2, 2), torch.ones(3, 2), ClassificationTask([0, 1, 1]))
+        >>> eng.prepare().golden.n_images
+        3
+        """
+        if self._golden is None:
+            _check_finite_parameters(self.model)
+            with torch.no_grad(), reuse_heap(self._heap_reuse):
+                self.model.eval()
+                try:
+                    self._golden_run()
+                finally:
+                    self.model.train(self._was_training)
+            if self.golden_nonfinite.any():
+                bad = np.flatnonzero(self.golden_nonfinite)
+                raise ConfigError(f"model: the fault-free output is non-finite (NaN/Inf) for "
+                                  f"{bad.size} of {self.n} inputs (first: input {bad[0]})")
+        return self
+
+    @property
+    def golden(self) -> Golden:
+        """Golden (fault-free) facts (runs the golden pass on first use)."""
+        self.prepare()
+        assert self._golden is not None
+        return self._golden
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why faults run as full forwards (None when the graph path is used)."""
+        return self.prepare()._fallback_reason
 
     def _x(self, a: int, b: int) -> Tensor:
         return pad_rows(self.inputs[a:b].to(self.device, copy=True), self.bs)
@@ -162,19 +198,20 @@ class Engine:
                 env = prog.run({prog.input: x}, 0, prog.end, record, sink)
                 if not same_rows(env[prog.output], y).all():  # trace-time specialisation
                     self.program = None
-                    self.fallback_reason = "the traced graph's output differs from forward()"
+                    self._fallback_reason = "the traced graph's output differs from forward()"
                     self.cache.drop()
                     self.cache = GoldenCache(n, self.cache.budget, self.device, self._cache_dir)
                     return self._golden_run()
             self.cache.write(_OUT, a, y[: b - a], pinned=True)
-            facts.append(self.task.image_facts(x, y)[: b - a].cpu().numpy())
+            ref = (y,) if self.task.needs_golden_outputs else ()
+            facts.append(self.task.image_facts(x, y, *ref)[: b - a].cpu().numpy())
             bad_rows.append((~torch.isfinite(y[: b - a].reshape(b - a, -1)).all(1)).cpu()
                             if y.is_floating_point() else torch.zeros(b - a, dtype=torch.bool))
         self.cuts = {k: v for k, v in self.cuts.items() if not invalid.intersection(v)}
         self.golden_nonfinite = torch.cat(bad_rows).numpy()
         all_facts = np.concatenate(facts).astype(self.task.fact_dtype)
-        self.golden: Golden = self.task.golden(all_facts, bool(self.golden_nonfinite.any()))
-        self._masked_fields = fill_masked(self.golden, self.task).to_dict()
+        self._golden = self.task.golden(all_facts, bool(self.golden_nonfinite.any()))
+        self._masked_fields = fill_masked(self._golden, self.task).to_dict()
         self.stops = sorted({prog.calls[k] for k, live in self.cuts.items()
                              if all(self.cache.in_memory(v) for v in live)}) if prog else []
         for layer in self.cuts if self._blocks != "never" else ():  # probe on the 1st chunk
@@ -184,7 +221,7 @@ class Engine:
             self._block[layer] = 0 if x is None else probe_block(
                 prog.gm.get_submodule(layer), x, prog.call(node, env), self._blocks == "auto")
 
-    strategy_used = property(lambda self: "graph" if self.program else "full-forward",
+    strategy_used = property(lambda self: "graph" if self.prepare().program else "full-forward",
                              doc='"graph" (run from the faulty layer) or "full-forward".')
 
     def run(self, faults: Sequence[Fault], progress: Progress | None = None) -> list[Outcome]:
@@ -199,7 +236,7 @@ class Engine:
     @property
     def golden_outputs(self) -> Tensor:
         """Golden model outputs (N, ...): a new CPU tensor."""
-        return self.cache.read(_OUT, 0, self.n).to("cpu", copy=True)
+        return self.prepare().cache.read(_OUT, 0, self.n).to("cpu", copy=True)
 
     def faulty_outputs(self, faults: Sequence[Fault]) -> list[Tensor]:
         """Faulty model outputs (N, ...) per fault, as the engine computes them (CPU).
@@ -219,6 +256,7 @@ class Engine:
 
     def _run(self, faults: Sequence[Fault], progress: Progress | None,
              capture: Callable[[np.ndarray, np.ndarray, Tensor], None] | None) -> list[Outcome]:
+        self.prepare()
         faults = list(faults)
         results: list[Outcome | None] = [None] * len(faults)
         todo: list[_Item] = []
@@ -283,8 +321,13 @@ class Engine:
         def inputs(images: np.ndarray) -> Tensor:
             return self.inputs[torch.as_tensor(images)].to(self.device)
 
-        return Pipeline(self.program, self.stops, self.bs, golden, inputs,
-                        self.task.image_facts, report, self._stop_stats)
+        def facts(x: Tensor, out: Tensor, images: np.ndarray) -> Tensor:
+            if not self.task.needs_golden_outputs:
+                return self.task.image_facts(x, out)
+            return self.task.image_facts(x, out, pad_rows(golden(out_node, images), self.bs))
+
+        return Pipeline(self.program, self.stops, self.bs, golden, inputs, facts, report,
+                        self._stop_stats)
 
     def _run_pass(self, items: list[_Item], capture: Callable[..., None] | None
                   ) -> list[Outcome]:
@@ -383,6 +426,14 @@ class Engine:
         with inject(self.model, f, self._format(f)):
             out = self.program.call(node, self._fresh(env))
         return out, slice(None)
+
+
+def _check_finite_parameters(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConfigError(f"model: tensor '{name}' holds {bad} non-finite values (NaN/Inf); "
+                              f"a fault-free reference needs finite weights")
 
 
 def evaluate_faults(model: nn.Module, inputs: Tensor, task: Task, faults: Sequence[Fault],

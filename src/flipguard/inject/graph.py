@@ -241,13 +241,14 @@ class Pipeline:
     ``stats[stop] = [rows compared, rows dropped, chunks skipped]``, shared between
     pipelines) is only re-probed now and then; outputs are always compared. At the end, rows whose
     output differs from golden are scored in chunks and reported through ``report(slots,
-    images, facts, nonfinite_rows, outputs)``. ``inputs(images)`` gives the input rows for scoring.
+    images, facts, nonfinite_rows, outputs)``. ``inputs(images)`` gives the input rows for scoring;
+    ``facts(inputs, outputs, images)`` the per-image facts (``images``: their dataset rows).
     """
 
     def __init__(self, program: Program | None, stops: list[int], batch_size: int,
                  golden: Callable[[Any, np.ndarray], Tensor],
                  inputs: Callable[[np.ndarray], Tensor],
-                 facts: Callable[[Tensor, Tensor], Tensor],
+                 facts: Callable[[Tensor, Tensor, np.ndarray], Tensor],
                  report: Callable[[np.ndarray, np.ndarray, Tensor, Tensor, Tensor], None],
                  stats: dict[int, list[int]] | None = None) -> None:
         self.prog, self.bs = program, batch_size
@@ -295,7 +296,7 @@ class Pipeline:
         if p == self.end:
             out = rows.values[self.out_key]
             x = pad_rows(self.inputs(rows.image), self.bs)
-            facts = self.facts(x, pad_rows(out, self.bs))[:r]
+            facts = self.facts(x, pad_rows(out, self.bs), rows.image)[:r]
             bad = ~torch.isfinite(out.reshape(r, -1)).all(dim=1) if out.is_floating_point() \
                 else torch.zeros(r, dtype=torch.bool, device=out.device)
             self.report(rows.slot, rows.image, facts, bad, out)

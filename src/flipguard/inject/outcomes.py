@@ -25,9 +25,11 @@ import numpy as np
 from flipguard.errors import ConfigError
 
 __all__ = ["Outcome", "Golden", "Criterion", "parse_criterion", "classify", "CLASSES",
-           "as_arrow"]
+           "CRITICAL", "as_arrow", "register_criterion"]
 
 CLASSES = ("masked", "sdc-benign", "sdc-critical", "non-finite")
+CRITICAL = ("sdc-critical", "non-finite")
+"""The classes that count as critical failures (CFR numerator)."""
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Criterion:
     """
 
     name = ""
+    takes_value = True
 
     def __init__(self, delta: float = 0.0) -> None:
         self.delta = float(delta)
@@ -156,7 +159,7 @@ class Criterion:
     @property
     def text(self) -> str:
         """Canonical text, e.g. ``"accuracy-drop:0.01"``."""
-        return self.name if self.name == "any-flip" else f"{self.name}:{self.delta:g}"
+        return f"{self.name}:{self.delta:g}" if self.takes_value else self.name
 
     def __repr__(self) -> str:
         return f"parse_criterion({self.text!r})"
@@ -210,7 +213,7 @@ class _AccuracyDrop(Criterion):
 
 
 class _AnyFlip(Criterion):
-    name = "any-flip"
+    name, takes_value = "any-flip", False
 
     def _metric_critical(self, o: Outcome, g: Golden) -> bool:
         return o.flips > 0
@@ -261,11 +264,33 @@ def _correct(g: Golden, facts: np.ndarray) -> np.ndarray:
     assert g.labels is not None
     if g.kind == "detection":
         return decisions(facts, float(g.threshold or 0.0)) == (g.labels > 0)
+    if g.kind == "tolerance":  # facts: worst deviation / allowance per image
+        return np.asarray(facts, dtype=np.float64) <= 1.0
     return np.asarray(facts) == g.labels
 
 
-_CRITERIA = {"accuracy-drop": _AccuracyDrop, "any-flip": _AnyFlip, "auroc-drop": _AurocDrop,
-             "mismatch": _Mismatch}
+_CRITERIA: dict[str, type[Criterion]] = {
+    "accuracy-drop": _AccuracyDrop, "any-flip": _AnyFlip, "auroc-drop": _AurocDrop,
+    "mismatch": _Mismatch}
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    """Make a :class:`Criterion` subclass available to :func:`parse_criterion` (and so to
+    every ``--criterion`` option) under ``cls.name``; usable as a class decorator. A
+    criterion that takes no value sets ``takes_value = False``.
+
+    >>> @register_criterion
+    ... class NonFiniteOnly(Criterion):
+    ...     name, takes_value = "non-finite-only", False
+    ...     def _metric_critical(self, o, g):
+    ...         return False
+    >>> parse_criterion("non-finite-only").is_critical(Outcome(nonfinite_scores=True), Golden())
+    True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Criterion)) or not cls.name:
+        raise ConfigError("register_criterion: expected a Criterion subclass with a name")
+    _CRITERIA[cls.name] = cls
+    return cls
 
 
 def parse_criterion(text: str | Criterion | None = None) -> Criterion:
@@ -283,15 +308,16 @@ def parse_criterion(text: str | Criterion | None = None) -> Criterion:
     name, sep, arg = spec.partition(":")
     name = name.strip().lower()
     if name not in _CRITERIA:
-        raise ConfigError(f"criterion: expected accuracy-drop:δ, any-flip, auroc-drop:δ or "
-                          f"mismatch:δ, got {spec!r}")
-    if name == "any-flip":
+        known = ", ".join(f"{k}:δ" if c.takes_value else k for k, c in _CRITERIA.items())
+        raise ConfigError(f"criterion: expected one of {known}, got {spec!r}")
+    cls = _CRITERIA[name]
+    if not cls.takes_value:
         if sep:
-            raise ConfigError(f"criterion: 'any-flip' takes no value, got {spec!r}")
-        return _AnyFlip()
+            raise ConfigError(f"criterion: {name!r} takes no value, got {spec!r}")
+        return cls()
     if not sep:
         raise ConfigError(f"criterion: expected '{name}:<value in [0, 1]>', got {spec!r}")
-    return _CRITERIA[name](_num(arg.strip(), spec))
+    return cls(_num(arg.strip(), spec))
 
 
 def classify(outcome: Outcome, golden: Golden, criterion: str | Criterion | None = None) -> str:

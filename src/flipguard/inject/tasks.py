@@ -23,7 +23,7 @@ from flipguard.errors import ConfigError
 from flipguard.inject.outcomes import Golden, Outcome, decisions
 from flipguard.metrics import MetricError, image_auroc, threshold_metrics
 
-__all__ = ["Task", "DetectionTask", "ClassificationTask"]
+__all__ = ["Task", "DetectionTask", "ClassificationTask", "ToleranceTask"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -44,6 +44,9 @@ class Task:
     kind = ""
     labels: np.ndarray
     fact_dtype: Any = np.float64
+    needs_golden_outputs = False
+    """True: ``image_facts(inputs, outputs, golden_outputs)`` also gets each image's golden
+    output (the engine passes it; in the golden run the outputs themselves)."""
 
     def check(self, n_images: int) -> None:
         """Raise a one-line error unless there is one label per image."""
@@ -151,6 +154,51 @@ class ClassificationTask(Task):
         n = int(facts.shape[0])
         return {"mismatches": int((facts != golden.facts).sum()),
                 "accuracy": float((facts == self.labels).sum() / n) if n else None}
+
+
+class ToleranceTask(Task):
+    """Outputs within a tolerance of golden: image ``i`` is correct while every output
+    element satisfies ``|y - y_golden| <= atol + rtol * |y_golden|`` (``atol = rtol = 0``:
+    bit-exact outputs). The fact is the worst ratio of deviation to allowance (0 for golden,
+    > 1 = wrong, inf for a non-finite output); ``accuracy`` is the share of correct images
+    and ``mismatches`` the count of wrong ones — for regressors, autoencoders, any model.
+
+    >>> t = ToleranceTask(2, atol=0.5)
+    >>> g = torch.zeros(2, 3)
+    >>> t.image_facts(g, torch.tensor([[0.25, 0, 0], [1.5, 0, 0]]), g).tolist()
+    [0.5, 3.0]
+    """
+
+    kind = "tolerance"
+    needs_golden_outputs = True
+
+    def __init__(self, n_images: int, atol: float = 0.0, rtol: float = 0.0) -> None:
+        for name, v in (("atol", atol), ("rtol", rtol)):
+            if not isinstance(v, (int, float)) or not v >= 0 or not np.isfinite(v):
+                raise ConfigError(f"{name}: expected a finite number >= 0, got {v!r}")
+        self.atol, self.rtol = float(atol), float(rtol)
+        self.labels = np.zeros(int(n_images), dtype=np.int64)
+
+    def image_facts(self, inputs: Tensor, outputs: Tensor,
+                    golden_outputs: Tensor | None = None) -> Tensor:
+        ref = outputs if golden_outputs is None else golden_outputs
+        y, g = outputs.double().flatten(1), ref.double().flatten(1)
+        err = (y - g).abs()
+        allowed = self.atol + self.rtol * g.abs()
+        ratio = torch.where(err <= allowed, torch.where(allowed > 0, err / allowed, 0.0),
+                            torch.where(allowed > 0, err / allowed, torch.inf))
+        ratio = torch.where(torch.isfinite(y), ratio, torch.inf)
+        return ratio.amax(dim=1) if ratio.shape[1] else ratio.new_zeros(ratio.shape[0])
+
+    def golden(self, facts: np.ndarray, nonfinite: bool) -> Golden:
+        n = int(facts.shape[0])
+        return Golden(kind=self.kind, n_images=n, accuracy=1.0 if n else None,
+                      nonfinite=bool(nonfinite), facts=facts, labels=self.labels)
+
+    def outcome_fields(self, facts: np.ndarray, golden: Golden) -> dict[str, Any]:
+        n = int(facts.shape[0])
+        wrong = int((~(facts <= 1.0)).sum())
+        return {"mismatches": wrong, "accuracy": float((n - wrong) / n) if n else None}
 
 
 def fill_masked(golden: Golden, task: Task) -> Outcome:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +16,10 @@ from torch import nn
 
 from flipguard.errors import FlipguardError
 
-__all__ = ["ModelLoadError", "load_model"]
+__all__ = ["ModelLoadError", "is_builtin_spec", "load_model"]
 
 _SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_FILE_SPEC = re.compile(r"^.+\.py:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 class ModelLoadError(FlipguardError, ValueError):
@@ -27,9 +31,43 @@ def _line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
+def is_builtin_spec(spec: str) -> bool:
+    """True for factories of flipguard itself (safe to import from a received run).
+
+    >>> is_builtin_spec("flipguard.models.cae:build_cae"), is_builtin_spec("os:system")
+    (True, False)
+    """
+    return isinstance(spec, str) and spec.split(":", 1)[0].split(".", 1)[0] == "flipguard" \
+        and not spec.split(":", 1)[0].endswith(".py")
+
+
+def _file_module(spec: str, path: Path) -> Any:
+    if not path.is_file():
+        raise ModelLoadError(f"model spec {spec!r}: file {path} not found")
+    name = "flipguard_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ModelLoadError(f"model spec {spec!r}: {path} is not a Python module")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ModelLoadError(f"model spec {spec!r}: importing {path} failed "
+                             f"({_line(exc)})") from exc
+    return module
+
+
 def _import_factory(spec: str) -> Any:
+    if isinstance(spec, str) and _FILE_SPEC.match(spec):
+        path_text, attr_path = spec.rsplit(":", 1)
+        return _attribute(spec, _file_module(spec, Path(path_text)), path_text, attr_path)
     if not isinstance(spec, str) or not _SPEC.match(spec):
-        raise ModelLoadError(f"model spec {spec!r}: expected 'package.module:factory'")
+        raise ModelLoadError(f"model spec {spec!r}: expected 'package.module:factory' or "
+                             f"'path/to/file.py:factory'")
     mod_name, attr_path = spec.split(":")
     try:
         obj: Any = importlib.import_module(mod_name)
@@ -42,6 +80,10 @@ def _import_factory(spec: str) -> Any:
     except Exception as exc:
         raise ModelLoadError(f"model spec {spec!r}: importing {mod_name!r} failed "
                              f"({_line(exc)})") from exc
+    return _attribute(spec, obj, mod_name, attr_path)
+
+
+def _attribute(spec: str, obj: Any, mod_name: str, attr_path: str) -> Any:
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise ModelLoadError(f"model spec {spec!r}: {mod_name!r} has no attribute "
@@ -105,9 +147,11 @@ def _check_keys(path: Path, model: nn.Module, sd: Mapping[str, torch.Tensor]) ->
 def load_model(spec: str, weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
     """Import ``module``, call ``factory(**kwargs)``, optionally load a state dict, ``eval()``.
 
-    ``spec`` is ``"package.module:factory"`` (the factory may be a dotted attribute such as
-    ``Class.create``). ``weights`` is a ``torch.save``-d state dict (read with
-    ``weights_only=True``; a ``{"state_dict": ...}`` wrapper is accepted) or, when the
+    ``spec`` is ``"package.module:factory"`` or ``"path/to/file.py:factory"`` (the factory
+    may be a dotted attribute such as ``Class.create``). It imports and runs that code: only
+    pass specs you trust (see :func:`is_builtin_spec`). ``weights`` is a ``torch.save``-d
+    state dict (read with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper is
+    accepted) or, when the
     ``safetensors`` package is installed, a ``.safetensors`` file. Keys and shapes must match
     exactly. Every failure raises :class:`ModelLoadError` with one line.
 
