@@ -38,6 +38,7 @@ from flipguard.campaign.planner import (
 from flipguard.campaign.store import CampaignStore, StoreError, store_path, writer_lock
 from flipguard.errors import ConfigError
 from flipguard.fingerprint import tensor_fingerprint
+from flipguard.layers import evenly_spaced
 
 __all__ = ["Chunk", "RunEngineFactory", "chunks_of", "ensure_golden", "execute_chunk",
            "first_faults",
@@ -89,8 +90,7 @@ class RunEngineFactory:
         if self.images is not None:
             if self.images < 1:
                 raise ConfigError(f"images: expected a positive count, got {self.images}")
-            idx = np.unique(np.linspace(0, len(ds.test) - 1, min(self.images, len(idx)))
-                            .round().astype(np.int64))
+            idx = evenly_spaced(len(idx), self.images)
         return run, ds.test[torch.as_tensor(idx)], np.asarray(ds.test_labels)[idx]
 
     def fingerprints(self) -> dict[str, str]:
@@ -236,8 +236,7 @@ def probe_rate(store: CampaignStore, engine: Any, k: int = 4) -> float | None:
     ids = store.pending_ids()
     if not ids or k < 1:
         return None
-    pending = store.faults_by_id(
-        ids[round(j)] for j in np.linspace(0, len(ids) - 1, min(k, len(ids))))
+    pending = store.faults_by_id(ids[int(j)] for j in evenly_spaced(len(ids), k))
     t0 = time.perf_counter()
     fids, outs = execute_chunk(engine, pending)
     dt = time.perf_counter() - t0

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from flipguard.cli._common import cli_errors, console, print_json
 from flipguard.errors import ConfigError
+from flipguard.layers import evenly_spaced
 
 app = typer.Typer(help="Statistical fault-injection campaigns (plan, run, status, export).",
                   no_args_is_help=True)
@@ -144,8 +144,7 @@ def plan(
             predictor = predictor_for_factory(factory, cfg)
         pl = make_plan(factory.model(), cfg, predictor)
         faults = pl.faults()
-        sample = [faults[int(i)] for i in sorted(
-            {round(j) for j in np.linspace(0, len(faults) - 1, min(probe, len(faults)))})]
+        sample = [faults[int(i)] for i in evenly_spaced(len(faults), probe)] if probe else []
         if sample and probe:
             engine = factory()
             t0 = time.perf_counter()

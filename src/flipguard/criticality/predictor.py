@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, SiteSpace, apply_bits, get_format
 from flipguard.fileio import replacing
+from flipguard.layers import forward_hooks
 
 __all__ = ["CLASS_LABELS", "CLASS_PRIORS", "DEFAULT_EDGES", "EXTREME", "Predictor",
            "classes_of_rho", "criterion_k", "differentiable_score_fn"]
@@ -341,36 +342,32 @@ def _gradients(model: nn.Module, space: SiteSpace, inputs: Tensor, fn: Callable,
     grads_on = [p.requires_grad for p in params]
     captured: dict[str, Tensor] = {}
 
-    def hook_for(name: str):
-        def hook(_m: nn.Module, _i: object, out: Tensor) -> Tensor:
-            captured[name] = out
-            return out.clone()  # later in-place ops must not touch the captured value
-        return hook
+    def hook(name: str, _m: nn.Module, _i: object, out: Tensor) -> Tensor:
+        captured[name] = out
+        return out.clone()  # later in-place ops must not touch the captured value
 
-    handles = [space.modules[ls.name].register_forward_hook(hook_for(ls.name))
-               for ls in alayers]
+    hooked = {ls.name: space.modules[ls.name] for ls in alayers}
     try:
-        for p in params:
-            p.requires_grad_(True)
-        for a in range(0, len(idx), batch):
-            chunk = torch.as_tensor(idx[a:a + batch])
-            with torch.enable_grad():
-                x = inputs[chunk]
-                s = fn(x, model(x), chunk)
-                wrt = params + [captured[ls.name] for ls in alayers]
-                for j, i in enumerate(chunk.tolist()):
-                    gs = torch.autograd.grad(s[j], wrt, retain_graph=j < len(chunk) - 1,
-                                             allow_unused=True)
-                    for key, p, g in zip(wkeys, params, gs, strict=False):
-                        r = (torch.zeros_like(p) if g is None else g).reshape(1, -1) / m[i]
-                        pos[key], neg[key] = _topk(pos[key], r, k), _topk(neg[key], -r, k)
-                    for ls, g in zip(alayers, gs[len(params):], strict=True):
-                        act = captured[ls.name][j].detach().reshape(-1)
-                        r = (torch.zeros_like(act) if g is None else g[j].reshape(-1)) / m[i]
-                        accs[ls.name].update(act, r.double(), fmt, kinds, k)
+        with forward_hooks(hooked, hook):
+            for p in params:
+                p.requires_grad_(True)
+            for a in range(0, len(idx), batch):
+                chunk = torch.as_tensor(idx[a:a + batch])
+                with torch.enable_grad():
+                    x = inputs[chunk]
+                    s = fn(x, model(x), chunk)
+                    wrt = params + [captured[ls.name] for ls in alayers]
+                    for j, i in enumerate(chunk.tolist()):
+                        gs = torch.autograd.grad(s[j], wrt, retain_graph=j < len(chunk) - 1,
+                                                 allow_unused=True)
+                        for key, p, g in zip(wkeys, params, gs, strict=False):
+                            r = (torch.zeros_like(p) if g is None else g).reshape(1, -1) / m[i]
+                            pos[key], neg[key] = _topk(pos[key], r, k), _topk(neg[key], -r, k)
+                        for ls, g in zip(alayers, gs[len(params):], strict=True):
+                            act = captured[ls.name][j].detach().reshape(-1)
+                            r = (torch.zeros_like(act) if g is None else g[j].reshape(-1)) / m[i]
+                            accs[ls.name].update(act, r.double(), fmt, kinds, k)
     finally:
-        for h in handles:
-            h.remove()
         for p, on in zip(params, grads_on, strict=True):
             p.requires_grad_(on)
     tensors = {}

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from flipguard.errors import ConfigError
 from flipguard.faults.formats import NumberFormat, get_format
+from flipguard.layers import eval_mode, forward_hooks
 
 __all__ = ["TARGETS", "DEFAULT_LAYER_TYPES", "FaultSite", "LayerSpace", "SiteSpace", "Stratum",
            "coords_of", "index_of", "kernel_of", "kernel_ids"]
@@ -375,24 +376,13 @@ def _output_shapes(model: nn.Module, modules: dict[str, nn.Module],
                    example_input: Tensor) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def hook_for(name: str):
-        def hook(_m: nn.Module, _inp: object, out: object) -> None:
-            if not isinstance(out, Tensor) or out.dim() < 1:
-                raise ConfigError(f"layer: output of {name!r} is not a batched tensor")
-            shapes.setdefault(name, tuple(out.shape[1:]))
-        return hook
+    def hook(name: str, _m: nn.Module, _inp: object, out: object) -> None:
+        if not isinstance(out, Tensor) or out.dim() < 1:
+            raise ConfigError(f"layer: output of {name!r} is not a batched tensor")
+        shapes.setdefault(name, tuple(out.shape[1:]))
 
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    with forward_hooks(modules, hook), eval_mode(model), torch.no_grad():
+        model(example_input)
     missing = [n for n in modules if n not in shapes]
     if missing:
         raise ConfigError(f"layer: {missing[0]!r} was not called by the example forward pass")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from flipguard.layers import LayerTracer
+
 __all__ = ["Program", "trace", "Rows", "Pipeline", "same_rows", "pad_rows"]
 
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -34,17 +36,6 @@ _VIEWS = {"view", "reshape", "flatten", "transpose", "permute", "squeeze", "unsq
           "expand", "narrow", "select", "unflatten", "view_as", "reshape_as", "t",
           "__getitem__", "getitem", "chunk", "split", "unbind", "contiguous", "to", "float",
           "type_as", "detach", "movedim", "swapaxes", "as_strided", "diagonal", "real"}
-
-
-class _Tracer(fx.Tracer):
-    """torch.nn leaves, plus every module that owns parameters but has no children (so
-    that each parametrised layer is one ``call_module`` node)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if super().is_leaf_module(m, qualname):
-            return True
-        own = next(iter(m.parameters(recurse=False)), None) is not None
-        return own and next(iter(m.children()), None) is None
 
 
 class Program:
@@ -177,7 +168,7 @@ def _fetch(gm: nn.Module, target: str) -> Any:
 
 def trace(model: nn.Module) -> Program:
     """Trace ``model`` with torch.fx (raises when it is not traceable)."""
-    tracer = _Tracer()
+    tracer = LayerTracer()
     graph = tracer.trace(model)
     return Program(fx.GraphModule(tracer.root, graph))
 
