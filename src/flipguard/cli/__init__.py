@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from flipguard.cli import _core, campaign, harden, ra, report
+from flipguard.cli import _core, campaign, harden, ra, report, validate
 
 app = typer.Typer(
     name="flipguard",
@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (_core, campaign, harden, ra, report):
+for _module in (_core, campaign, harden, ra, report, validate):
     _module.register(app)
 
 __all__ = ["app"]
