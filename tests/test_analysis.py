@@ -84,6 +84,7 @@ def test_network_and_bit_rows_are_stratified_combinations():
         Nu = sum(c[0] for c in used)
         assert row["N"] == sum(c[0] for c in cells)
         assert row["cfr"] == pytest.approx(sum(N / Nu * k / n for N, n, k in used))
+        assert row["uncovered"] == pytest.approx(1 - Nu / row["N"])  # cells never drawn
 
 
 @pytest.mark.parametrize(("strata", "by"), [("layer", ("layer",)), ("layer,bit", ()),
@@ -92,11 +93,12 @@ def test_intervals_cover_the_exhaustive_truth(strata, by):
     net = tiny_net()
     truth = truth_table()
     conf = 0.9
-    cover, total = 0, 0
+    cover, total = {"wilson": 0, "clopper-pearson": 0}, 0
     for seed in range(60):
         plan = make_plan(net, PlanConfig(strata=strata, error=0.15, confidence=conf, seed=seed))
         recs = records_from(plan.faults(), truth)
-        for row in cfr_rows(plan.strata, recs, by, conf):
+        rows = {m: cfr_rows(plan.strata, recs, by, conf, method=m) for m in cover}
+        for i, row in enumerate(rows["wilson"]):
             mask = {k: np.ones_like(v) for k, v in truth.items()}
             if "layer" in row:
                 mask = {k: v * (k == row["layer"]) for k, v in mask.items()}
@@ -107,9 +109,12 @@ def test_intervals_cover_the_exhaustive_truth(strata, by):
                     v[:, [b for b in range(32) if b not in sel]] = 0
             true = sum((truth[k] & (mask[k] > 0)).sum() for k in truth) / sum(
                 (m > 0).sum() for m in mask.values())
-            cover += row["ci"][0] <= true <= row["ci"][1]
+            for m in cover:
+                ci = rows[m][i]["ci"]
+                cover[m] += ci[0] <= true <= ci[1]
             total += 1
-    assert 0.8 <= cover / total <= 0.99
+    assert 0.8 <= cover["wilson"] / total <= 0.99
+    assert 0.88 <= cover["clopper-pearson"] / total  # the exact default: never below nominal
 
 
 def test_exhaustive_stratum_has_no_sampling_error():
@@ -152,3 +157,24 @@ def test_cfr_table_reads_a_store(tmp_path):
         assert (r["n"], r["critical"], r["N"]) == (s.n, crit, s.N)
     net_row = cfr_table(store, by=(), criterion="any-flip", classify=classify)[0]
     assert 0 < net_row["cfr"] < 0.2 and net_row["ci"][0] < net_row["cfr"] < net_row["ci"][1]
+
+
+def test_partial_campaign_reports_the_uncovered_share():
+    """Only layer 0 ran: the network row says which share of the population is unseen and its
+    interval holds the true network CFR whether layer 2 is entirely critical or not at all."""
+    plan = make_plan(tiny_net(), PlanConfig(strata="layer", error=0.1, confidence=0.95))
+    truth = truth_table()
+    recs = [r for r in records_from(plan.faults(), truth) if r[0].fault.layer == "0"]
+    (layer0,) = cfr_rows(plan.strata, recs, ("layer",), 0.95)
+    assert layer0["uncovered"] == 0.0
+    (net,) = cfr_rows(plan.strata, recs, (), 0.95)
+    N0, N2 = (s.N for s in plan.strata)
+    assert net["N"] == N0 + N2 and net["n"] == layer0["n"]
+    assert net["uncovered"] == pytest.approx(N2 / (N0 + N2))
+    assert net["cfr"] == pytest.approx(layer0["cfr"])  # the sampled part, renormalised
+    crit0 = truth["0"].sum()
+    assert layer0["ci"][0] <= crit0 / N0 <= layer0["ci"][1]
+    for crit2 in (0, N2):  # layer 2 all masked / all critical
+        true = (crit0 + crit2) / (N0 + N2)
+        assert net["ci"][0] <= true <= net["ci"][1], (crit2, true, net["ci"])
+    assert math.isfinite(net["uncovered"]) and isinstance(net["uncovered"], float)

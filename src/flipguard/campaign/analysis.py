@@ -6,7 +6,10 @@ sdc-benign, sdc-critical or non-finite. A fault is *critical* when it is sdc-cri
 non-finite. For a group (any combination of layer, target, bit, field, kernel, kind) the rate
 is the stratified estimator over its cells ``stratum x group`` with known populations
 ``N_c``: ``p = sum W_c p_c``, ``var = sum W_c^2 (N_c-n_c)/(N_c-1) p_c (1-p_c) / n_c``;
-``margin = t sqrt(var)`` and the Wilson / Clopper–Pearson interval uses the effective size.
+``margin = t sqrt(var)``; the Wilson / Clopper–Pearson interval uses the effective size
+``min(p (1-p) / var, 1 / sum W_c^2 fpc_c / n_c)`` (``flipguard.campaign.stats.stratified``).
+Cells without executed faults (a partial campaign) are reported as ``uncovered``, the share
+of the group's population they hold, and the interval is widened to allow any rate there.
 
 Example::
 
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flipguard.campaign.planner import PlannedFault, PlannedStratum
-from flipguard.campaign.stats import METHODS, check_confidence, stratified
+from flipguard.campaign.stats import DEFAULT_METHOD, METHODS, check_confidence, stratified
 from flipguard.campaign.store import CampaignStore, StoreError, store_path
 from flipguard.errors import ConfigError
 from flipguard.faults import get_format
@@ -74,13 +77,15 @@ def _cell_population(s: PlannedStratum, g: dict[str, Any], fmt: Any) -> int:
 
 def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFault, str]],
              by: Sequence[str] = ("layer",), confidence: float = 0.99,
-             method: str = "wilson", fmt: str = "fp32") -> list[dict[str, Any]]:
+             method: str = DEFAULT_METHOD, fmt: str = "fp32") -> list[dict[str, Any]]:
     """Rows of CFR per group from ``records`` = (planned fault, class) and the plan strata.
 
     Each row: the group keys, ``n``, ``critical``, ``cfr``, ``ci`` [low, high], ``N``,
-    ``margin``, ``n_eff`` (None when enumerated exhaustively), the rates ``masked``,
-    ``sdc_benign``, ``sdc_critical``, ``non_finite`` and ``sampling`` ("uniform", or
-    "stratified" for criticality sub-strata: estimator of docs/criticality.md).
+    ``margin``, ``n_eff`` (None when enumerated exhaustively), ``uncovered`` (population
+    share of the group's cells with no executed fault; ``cfr`` and ``margin`` describe the
+    rest, ``ci`` the whole group), the rates ``masked``, ``sdc_benign``, ``sdc_critical``,
+    ``non_finite`` and ``sampling`` ("uniform", or "stratified" for criticality sub-strata:
+    estimator of docs/criticality.md).
     """
     by = parse_by(by)
     check_confidence(confidence)
@@ -120,11 +125,17 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
         row: dict[str, Any] = dict(gd)
         row.update(n=e.n, critical=e.k, cfr=e.p, ci=[e.ci[0], e.ci[1]], N=e.N,
                    margin=e.margin, n_eff=e.n_eff if math.isfinite(e.n_eff) else None,
+                   uncovered=_uncovered(cells, per) if sub else e.uncovered,
                    sampling="stratified" if sub else "uniform")
         for cls in CLASSES:
             row[cls.replace("-", "_")] = est((cls,)).p
         rows.append(row)
     return rows
+
+
+def _uncovered(cells: Sequence[tuple[PlannedStratum, int]], per: dict) -> float:
+    total = sum(N for _, N in cells)
+    return sum(N for s, N in cells if not sum(per[s.key].values())) / total if total else 0.0
 
 
 def classify_store(store: CampaignStore, criterion: str
@@ -154,7 +165,7 @@ def _open(run_or_store: Any) -> tuple[CampaignStore, bool]:
 
 
 def cfr_table(run_or_store: Any, by: str | Sequence[str] = ("layer",),
-              criterion: str = "accuracy-drop:0.01", method: str = "wilson",
+              criterion: str = "accuracy-drop:0.01", method: str = DEFAULT_METHOD,
               confidence: float | None = None,
               classify: Callable[[CampaignStore, str], list] | None = None
               ) -> list[dict[str, Any]]:

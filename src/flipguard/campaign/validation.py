@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from flipguard.campaign.stats import interval, leveugle_n, stratified
+from flipguard.campaign.stats import DEFAULT_METHOD, interval, leveugle_n, stratified
 from flipguard.errors import ConfigError
 
 __all__ = ["ValidationRow", "validate_sfi"]
@@ -85,7 +85,7 @@ def _row(scope: str, key: str, e: float, conf: float, N: int, n: int, p: float,
 
 def validate_sfi(critical: np.ndarray, bits: np.ndarray | None = None, *,
                  margins: Sequence[float] = (0.01, 0.02, 0.05), confidence: float = 0.95,
-                 replications: int = 2000, seed: int = 0, method: str = "wilson",
+                 replications: int = 2000, seed: int = 0, method: str = DEFAULT_METHOD,
                  p: float = 0.5) -> list[ValidationRow]:
     """SFI against the exhaustive classes ``critical[i]`` (one per fault of the population)
     with the bit of each fault in ``bits`` (None: layer-wise design only). Rows per margin:

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.cli._common import cli_errors, console, print_json
 from flipguard.errors import ConfigError
 from flipguard.layers import evenly_spaced
@@ -309,7 +310,7 @@ def cfr(
                            "comma-combinable, or network"),
     criterion: str = typer.Option("accuracy-drop:0.01", "--criterion",
                                   help="accuracy-drop:δ | any-flip | auroc-drop:δ"),
-    method: str = typer.Option("wilson", "--method", help="wilson | clopper-pearson"),
+    method: str = typer.Option(DEFAULT_METHOD, "--method", help="clopper-pearson (exact) | wilson"),
     confidence: float | None = typer.Option(None, "--confidence",
                                             help="Interval level (default: planned)."),
     json_out: bool = typer.Option(False, "--json", help="Print rows as JSON."),
@@ -323,15 +324,21 @@ def cfr(
         print_json(rows)
         return
     table = Table(title=f"CFR under {criterion} ({method})")
+    unc = any(r.get("uncovered", 0.0) > 0 for r in rows)
     for k in keys or ("group",):
         table.add_column(k)
-    for col in ("n", "critical", "CFR", "CI", "margin", "N", "sampling"):
+    for col in ("n", "critical", "CFR", "CI", "margin", "N", "sampling") + (
+            ("uncovered",) if unc else ()):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*[str(r.get(k, "network")) for k in keys or ("group",)], f"{r['n']:,}",
                       f"{r['critical']:,}", f"{100 * r['cfr']:.3f} %",
                       f"[{100 * r['ci'][0]:.3f}, {100 * r['ci'][1]:.3f}] %",
-                      f"±{100 * r['margin']:.3f} %", f"{r['N']:,}", r.get("sampling", ""))
+                      f"±{100 * r['margin']:.3f} %", f"{r['N']:,}", r.get("sampling", ""),
+                      *([f"{100 * r['uncovered']:.2f} %"] if unc else []))
+    if unc:
+        table.caption = ("uncovered: population share with no executed fault; "
+                         "the CI allows any rate there")
     console.print(table)
 
 

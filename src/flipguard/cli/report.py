@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.cli._common import cli_errors, console, print_json
 
 
@@ -21,7 +22,7 @@ def report(
                                   help="accuracy-drop:δ | any-flip | auroc-drop:δ"),
     out: Path | None = typer.Option(None, "--out",
                                     help="HTML file to write (default RUN/report.html)."),
-    method: str = typer.Option("wilson", "--method", help="wilson | clopper-pearson"),
+    method: str = typer.Option(DEFAULT_METHOD, "--method", help="clopper-pearson (exact) | wilson"),
     kernel_layers: str | None = typer.Option(
         None, "--kernel-layers", help="Comma list of layers for the per-kernel figures "
         "(default: first and last)."),

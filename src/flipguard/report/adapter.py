@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.errors import ConfigError, FlipguardError
 from flipguard.report.sections import CampaignData, DetectorData, ReportContext
 
@@ -80,7 +81,7 @@ def detector_data(run: Any, notes: list[str], examples: int = 6) -> DetectorData
                         maps[sel, 0].numpy(), masks, titles)
 
 
-def campaign_data(run_path: Path, criterion: str, method: str = "wilson",
+def campaign_data(run_path: Path, criterion: str, method: str = DEFAULT_METHOD,
                   notes: list[str] | None = None) -> CampaignData | None:
     """Counts, per-stratum progress/margins and the :data:`GROUPINGS` CFR tables of
     ``RUN/campaign.sqlite``; None when there is no store."""
@@ -173,8 +174,8 @@ def _extras(run_path: Path, notes: list[str]) -> dict[str, Any]:
     return out
 
 
-def collect(run_dir: str | Path, criterion: str = "accuracy-drop:0.01", method: str = "wilson",
-            *, kernel_layers: Sequence[str] | None = None,
+def collect(run_dir: str | Path, criterion: str = "accuracy-drop:0.01",
+            method: str = DEFAULT_METHOD, *, kernel_layers: Sequence[str] | None = None,
             bit_layers: Sequence[str] | None = None, examples: int = 6) -> ReportContext:
     """Load everything the report shows from a run directory (see module docstring)."""
     from flipguard.campaign.stats import METHODS

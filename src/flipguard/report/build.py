@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.errors import ConfigError
 from flipguard.fileio import atomic_write
 from flipguard.report.html import render_html, render_markdown
@@ -149,7 +150,7 @@ def render_report(ctx: ReportContext, out: str | Path | None = None) -> Path:
 
 
 def build_report(run_dir: str | Path, criterion: str = "accuracy-drop:0.01",
-                 out: str | Path | None = None, *, method: str = "wilson",
+                 out: str | Path | None = None, *, method: str = DEFAULT_METHOD,
                  kernel_layers: Sequence[str] | None = None,
                  bit_layers: Sequence[str] | None = None, examples: int = 6) -> Path:
     """Build the reliability report of a run directory; returns the HTML path.

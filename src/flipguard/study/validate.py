@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from flipguard.campaign import PlanConfig, open_campaign, run_campaign
+from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.campaign.store import CampaignStore
 from flipguard.campaign.validation import validate_sfi
 from flipguard.errors import ConfigError
@@ -49,7 +50,7 @@ class ValidateOptions:
     confidence: float = 0.95
     replications: int = 2000
     criterion: str = "accuracy-drop:0.01"
-    method: str = "wilson"
+    method: str = DEFAULT_METHOD
     seed: int = 0
     workers: int = 1
     chunk: int = 32
