@@ -46,7 +46,7 @@ lint: $(STAMP)
 lock: $(BIN)/python
 	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
 	echo "$(TORCH)+cpu" > $(VENV)/torch-override.txt
-	$(UV) pip compile pyproject.toml --extra dev --extra ray --python-version 3.11 \
+	$(UV) pip compile pyproject.toml --extra dev --extra ray --extra nas --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
 	  --override $(VENV)/torch-override.txt --no-emit-package torch \
 	  --custom-compile-command "make lock" -o requirements.lock
