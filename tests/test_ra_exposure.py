@@ -1,4 +1,7 @@
-"""Exposure models: hand-checked cycle counts, a cycle-level systolic simulator, sampling."""
+"""Exposure models: hand-checked cycle counts, a cycle-level systolic simulator, sampling.
+
+The per-structure rules (capacities, rates, SEC-DED, accumulators, TOML) are tested in
+tests/test_ra_structures.py."""
 
 from __future__ import annotations
 
@@ -125,12 +128,14 @@ class _Regs:
         return self.live
 
 
-def _sim_ws(M, K, N, R, C):
+def _sim_ws(M, K, N, R, C, nc=None):
     """Cycle-level weight-stationary array: W (K rows x M cols) loaded from the top, X
-    streamed from the left with skew, partial sums down the columns into an output buffer."""
-    g, t0 = _Regs(), 0
-    for m0 in range(0, M, C):
+    streamed from the left with skew, partial sums down the columns into an output buffer;
+    loop M-tile > N-chunk of ``nc`` columns (default all N) > K-tile."""
+    g, t0, nc = _Regs(), 0, nc or N
+    for m0, n0 in ((m0, n0) for m0 in range(0, M, C) for n0 in range(0, N, nc)):
         ms = list(range(m0, min(M, m0 + C)))
+        Nc = min(nc, N - n0)
         for k0 in range(0, K, R):
             ks = list(range(k0, min(K, k0 + R)))
             Kt, Mt = len(ks), len(ms)
@@ -141,28 +146,28 @@ def _sim_ws(M, K, N, R, C):
                     g.write(("w", i, c), tok, t0 + ld)
                 for c in range(Mt):
                     g.write(("w", 0, c), ("W", ms[c], ks[Kt - 1 - ld]), t0 + ld)
-            ts, S = t0 + Kt, N + Kt + Mt - 2
+            ts, S = t0 + Kt, Nc + Kt + Mt - 2
             for s in range(-1, S + 1):
                 t, writes = ts + s, []
                 for r in range(Kt):
                     for c in range(Mt):
                         n = s - r - c
-                        if 0 <= n < N:
+                        if 0 <= n < Nc:
                             g.read(("w", r, c), t)
                             g.read(("a", r, c), t)
                             if c + 1 < Mt:
-                                writes.append((("a", r, c + 1), ("X", ks[r], n)))
+                                writes.append((("a", r, c + 1), ("X", ks[r], n0 + n)))
                             if r > 0:
                                 g.read(("p", r - 1, c), t)
                             elif k0 > 0:
-                                g.read(("ob", ms[c], n), t)
-                            writes.append((("p", r, c), ("P", ms[c], n)))
-                    if 0 <= s + 1 - r < N:
-                        writes.append((("a", r, 0), ("X", ks[r], s + 1 - r)))
+                                g.read(("ob", ms[c], n0 + n), t)
+                            writes.append((("p", r, c), ("P", ms[c], n0 + n)))
+                    if 0 <= s + 1 - r < Nc:
+                        writes.append((("a", r, 0), ("X", ks[r], n0 + s + 1 - r)))
                 for c in range(Mt):
                     n = s - Kt - c
-                    if 0 <= n < N:
-                        writes.append((("ob", ms[c], n), g.read(("p", Kt - 1, c), t)))
+                    if 0 <= n < Nc:
+                        writes.append((("ob", ms[c], n0 + n), g.read(("p", Kt - 1, c), t)))
                 for reg, tok in writes:
                     g.write(reg, tok, t)
             t0 = ts + S
@@ -213,27 +218,37 @@ def _sim_os(M, K, N, R, C):
     return g.finish(t0), t0
 
 
-def _sim(dataflow, M, K, N, R, C):
-    """Per-value live cycles {("W", m, k), ("X", k, n), ("P", m, n)} and layer cycles."""
+def _sim(dataflow, M, K, N, R, C, nc=None):
+    """Per-value live cycles {("W", m, k), ("X", k, n), ("P", m, n)} and layer cycles
+    (``nc``: stream chunk of WS / IS)."""
     if dataflow == "ws":
-        return _sim_ws(M, K, N, R, C)
+        return _sim_ws(M, K, N, R, C, nc)
     if dataflow == "os":
         return _sim_os(M, K, N, R, C)
-    live, T = _sim_ws(N, K, M, R, C)  # input-stationary = WS with (W, M) <-> (X, N)
+    live, T = _sim_ws(N, K, M, R, C, nc)  # input-stationary = WS with (W, M) <-> (X, N)
     swap = {"W": "X", "X": "W", "P": "P"}
     return {(swap[kind], b, a): v for (kind, a, b), v in live.items()}, T
 
 
-@pytest.mark.parametrize("dataflow", ["ws", "os", "is"])
-@pytest.mark.parametrize("dims", [(3, 3, 2, 4, 2, 2), (5, 4, 3, 3, 2, 3), (2, 5, 4, 1, 3, 2)])
-def test_systolic_matches_cycle_simulation(dataflow, dims):
+_DIMS = [(3, 3, 2, 4, 2, 2), (5, 4, 3, 3, 2, 3), (2, 5, 4, 1, 3, 2)]
+_CASES = [(df, dims, chunked) for chunked in (False, True) for df in ("ws", "os", "is")
+          for dims in _DIMS  # chunking needs a stream to split: not OS, not a 1-column WS
+          if not (chunked and (df == "os" or (df == "ws" and dims[3] == 1)))]
+
+
+@pytest.mark.parametrize("dataflow, dims, chunked", _CASES)
+def test_systolic_matches_cycle_simulation(dataflow, dims, chunked):
     """Two Linear layers on (T, features) inputs: every weight, hidden and output value's
-    live cycles equal a register-level simulation plus the buffer rules."""
+    live cycles (all structures together, equal rates) equal a register-level simulation
+    plus the buffer rules; ``chunked``: a 16-byte output buffer splits the WS / IS stream
+    into chunks whose partial sums fit, and the simulation runs the same loop."""
     k1, k2, m2, n, rows, cols = dims
     net, x = _mlp(k1, k2, m2), torch.zeros(1, n, k1)
-    hw = _systolic(dataflow, rows, cols)
-    live1, t1 = _sim(dataflow, k2, k1, n, rows, cols)
-    live2, t2 = _sim(dataflow, m2, k2, n, rows, cols)
+    hw = _systolic(dataflow, rows, cols, **({"output_kib": 16 / 1024} if chunked else {}))
+    s1, s2 = hw.schedules(analyse(net, x))
+    assert max(s1.nch, s2.nch) > 1 if chunked else s1.nch == s2.nch == 1
+    live1, t1 = _sim(dataflow, k2, k1, n, rows, cols, s1.sc)
+    live2, t2 = _sim(dataflow, m2, k2, n, rows, cols, s2.sc)
     readout = math.ceil(n * m2 / cols)
     w1, w2 = (_cycles(net, x, hw, "weight", name) for name in ("0", "2"))
     assert w1.tolist() == [[live1[("W", m, k)] + t1 for k in range(k1)] for m in range(k2)]
@@ -246,12 +261,17 @@ def test_systolic_matches_cycle_simulation(dataflow, dims):
 
 
 def test_weight_buffer_overflow_uses_tile_durations():
+    # 9 weights x 4 B = 36 B do not fit a 20 B buffer; a 2 x 2 tile (16 B) does, so each
+    # weight is in the buffer only while its tile runs (before: capacity 0 did the same,
+    # which let a buffer without room hold a tile; a 0 B buffer now holds nothing)
     net, x = nn.Linear(3, 3, bias=False), torch.zeros(1, 3)
-    small = _cycles(net, x, _systolic("ws", weight_kib=0.0), "weight", "")
+    small = _cycles(net, x, _systolic("ws", weight_kib=20 / 1024), "weight", "")
+    none = _cycles(net, x, _systolic("ws", weight_kib=0.0), "weight", "")
     big = _cycles(net, x, _systolic("ws"), "weight", "")
     tau = np.array([[5, 3], [4, 2]])  # (M-tile, K-tile) durations, see the hand-checked test
     cls_m, cls_k = np.array([0, 0, 1]), np.array([0, 0, 1])
     assert (small - (big - 14)).tolist() == tau[cls_m][:, cls_k].tolist()
+    assert none.tolist() == (big - 14).tolist()  # PE registers only (DRAM: SEC-DED)
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -274,8 +294,10 @@ def test_conv_consumer_reads_match_im2col(dataflow):
     g = analyse(net, x)
     hidden_shape = g.layers[0].out_shape
     reads = _im2col_reads(conv2, hidden_shape)
-    terms = hw.terms(g, get_format("fp32"))
-    got = Block("activation", "0", hidden_shape, np.ones(1), terms[("activation", "0")][-1:])
+    # the hidden tensor's PE word terms are exactly conv2's reads (its own register time as a
+    # partial sum counts per accumulator bit)
+    terms = hw.exposure(g, get_format("fp32"))[("activation", "0")].word["pe"]
+    got = Block("activation", "0", hidden_shape, np.ones(1), terms)
     per = got.element_weights(np.arange(got.numel)).reshape(hidden_shape)
     if dataflow != "is":  # X streams through the M = 3 output channels of conv2
         assert per.tolist() == (3 * reads).tolist()
@@ -304,10 +326,11 @@ def test_transposed_conv_output_folds_gemm_columns():
     assert (ly.M, ly.K, ly.N) == (18, 2, 9)
     from flipguard.ra.systolic import _Schedule
 
-    cols_terms = _Schedule(ly, hw.cfg, 1.0).output_terms((18, 9), 0)
-    cols = sum(t.values(np.arange(162)) for t in cols_terms).reshape(18, 9)
+    parts = _Schedule(ly, hw.cfg, 32, 32).output_terms((18, 9), 0)
+    acc = sum(t.values(np.arange(162)) for t in parts["pe"] + parts["ob"]).reshape(18, 9)
+    after = sum(t.values(np.arange(162)) for t in parts["after"]).reshape(18, 9)
     oh, ow = ly.out_shape[1:]
-    want = np.zeros(ly.out_shape)
+    want, after_sum, n = np.zeros(ly.out_shape), np.zeros(ly.out_shape), np.zeros(ly.out_shape)
     for co in range(2):
         for ki in range(3):
             for kj in range(3):
@@ -315,7 +338,11 @@ def test_transposed_conv_output_folds_gemm_columns():
                     for b in range(3):
                         i, j = a * 2 - 1 + ki, b * 2 - 1 + kj
                         if 0 <= i < oh and 0 <= j < ow:
-                            want[co, i, j] += cols[co * 9 + ki * 3 + kj, a * 3 + b]
+                            col = (co * 9 + ki * 3 + kj, a * 3 + b)
+                            want[co, i, j] += acc[col]  # every partial word is exposed
+                            after_sum[co, i, j] += after[col]
+                            n[co, i, j] += 1
+    want += after_sum / n  # the stored output: from the mean drain of its parts
     got = _cycles(net, x, hw, "activation", "0") - math.ceil(np.prod(ly.out_shape) / 2)
     assert np.allclose(got, want)
 

@@ -7,7 +7,13 @@ again later) on the accelerator: ``bits x residency``. Models:
 * ``memory`` - layers run one after another, each taking ``ceil(MACs / macs_per_cycle)``
   cycles; weights are resident for the whole inference, an activation from the end of its
   producer until the end of its last consumer (the network output until the host has read it);
-* ``systolic[:FILE]`` - an R x C systolic array (see :mod:`flipguard.ra.systolic`).
+* ``systolic[:FILE]`` - an R x C systolic array with per-structure residency and upset rates
+  (PE flip-flops, SRAM buffers of finite capacity, DRAM; :mod:`flipguard.ra.systolic`).
+
+A model reports per tensor the bit-cycles of each element in each storage structure
+(:class:`~flipguard.ra.structures.SiteExposure`); ``P`` weights them by the structures'
+relative upset rates (0 where SEC-DED corrects a single upset) and maps accumulator bits of
+partial sums onto output bits (docs/exposure-models.md).
 
 Sites are weights/biases of Conv/ConvTranspose/Linear layers and their outputs (activation
 index = flat index in one sample's output, as in :class:`flipguard.faults.Fault`). The
@@ -34,7 +40,8 @@ from torch import Tensor, fx, nn
 
 from flipguard.errors import ConfigError
 from flipguard.faults import NumberFormat, get_format
-from flipguard.ra.distribution import Block, SiteDistribution, Term
+from flipguard.ra.distribution import SiteDistribution, Term
+from flipguard.ra.structures import SiteExposure, breakdown
 
 __all__ = ["GEMM_TYPES", "Use", "Layer", "LayerGraph", "analyse", "HardwareModel",
            "UniformModel", "MemoryModel", "parse_hardware", "build_exposure", "RA_TARGETS"]
@@ -75,7 +82,8 @@ class Layer:
     """A Conv/ConvTranspose/Linear layer lowered to ``groups`` GEMMs ``(M x K) @ (K x N)``
     (conv: im2col, M = out/groups, K = in/groups * kernel, N = output pixels; transposed conv:
     col2im, M = out/groups * kernel, K = in/groups, N = input pixels; linear: N = leading
-    dims of one sample). Shapes are per sample."""
+    dims of one sample). Shapes are per sample; ``in_amax`` / ``out_amax``: largest
+    magnitude of the layer's input / output on the analysed sample (int8 requantisation)."""
 
     name: str
     module: nn.Module
@@ -87,6 +95,8 @@ class Layer:
     K: int
     N: int
     uses: list[Use] = field(default_factory=list)
+    in_amax: float = 0.0
+    out_amax: float = 0.0
 
     @property
     def macs(self) -> int:
@@ -225,6 +235,26 @@ def _hook_graph(model: nn.Module, x: Tensor) -> LayerGraph:
     return LayerGraph(layers, out_numel, "hooks")
 
 
+def _record_amax(model: nn.Module, x: Tensor, graph: LayerGraph) -> None:
+    """Largest |input| and |output| of every GEMM layer on sample ``x``."""
+    mods = dict(model.named_modules())
+    handles = []
+    for layer in graph.layers:
+        def hook(_m, inp, out, layer=layer):
+            if isinstance(inp[0], Tensor) and isinstance(out, Tensor):
+                layer.in_amax = max(layer.in_amax, float(inp[0].detach().abs().max()))
+                layer.out_amax = max(layer.out_amax, float(out.detach().abs().max()))
+        m = mods.get(layer.name, model if layer.name == "" else None)
+        if m is not None:
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def analyse(model: nn.Module, example_input: Tensor) -> LayerGraph:
     """GEMM layers of ``model`` in execution order with shapes and consumers, from one
     sample of ``example_input`` (torch.fx; forward hooks in call order as a fallback).
@@ -245,6 +275,8 @@ def analyse(model: nn.Module, example_input: Tensor) -> LayerGraph:
             raise
         except Exception:  # noqa: BLE001 - untraceable models fall back to hooks
             graph = _hook_graph(model, x)
+        if graph.layers:
+            _record_amax(model, x, graph)
     finally:
         model.train(was)
     if not graph.layers:
@@ -253,8 +285,11 @@ def analyse(model: nn.Module, example_input: Tensor) -> LayerGraph:
 
 
 class HardwareModel:
-    """Interface of an exposure model: ``terms(graph, fmt)`` gives, per ``(target, layer)``,
-    per-element weights (live cycles of each bit) as :class:`Term` s."""
+    """Interface of an exposure model: ``exposure(graph, fmt)`` gives, per ``(target,
+    layer)``, the bit-cycles of every element per storage structure; ``structure_weights``
+    the relative upset rate of each structure. Simple models implement ``terms(graph, fmt)``
+    (per-element live cycles of each bit, as :class:`Term` s) and hold everything in one
+    structure, ``"memory"``."""
 
     name = ""
     spec = ""
@@ -262,10 +297,21 @@ class HardwareModel:
     def terms(self, graph: LayerGraph, fmt: NumberFormat) -> dict[Key, list[Term]]:
         raise NotImplementedError  # pragma: no cover
 
+    def exposure(self, graph: LayerGraph, fmt: NumberFormat) -> dict[Key, SiteExposure]:
+        return {k: SiteExposure({"memory": ts}) for k, ts in self.terms(graph, fmt).items()}
+
+    def structure_weights(self, raw: bool = False) -> dict[str, float]:
+        """Relative per-bit-cycle upset weight per structure (``raw``: before ECC)."""
+        return {"memory": 1.0}
+
+    def upset_rate(self, structure: str) -> float | None:
+        """Absolute upset probability per bit and cycle, when the model knows it."""
+        return None
+
     def config(self) -> dict[str, Any]:
         return {}
 
-    def info(self, graph: LayerGraph) -> dict[str, Any]:
+    def info(self, graph: LayerGraph, fmt: NumberFormat | None = None) -> dict[str, Any]:
         return {}
 
 
@@ -321,7 +367,7 @@ class MemoryModel(HardwareModel):
     def config(self) -> dict[str, Any]:
         return {"macs_per_cycle": self.macs_per_cycle, "words_per_cycle": self.words_per_cycle}
 
-    def info(self, graph: LayerGraph) -> dict[str, Any]:
+    def info(self, graph: LayerGraph, fmt: NumberFormat | None = None) -> dict[str, Any]:
         return {"cycles": self.timeline(graph)[1]}
 
 
@@ -373,16 +419,22 @@ def build_exposure(model: nn.Module, example_input: Tensor,
                                   f"{', '.join(sorted(names))}")
     number_format = get_format(fmt)
     nbits = number_format.bits
-    terms = hw.terms(graph, number_format)
-    blocks = []
+    exposures = hw.exposure(graph, number_format)
+    weights = hw.structure_weights()
+    blocks, chosen = [], []
     for layer in graph.layers:
         if layers is not None and layer.name not in layers:
             continue
         for target in targets:
             key = (target, layer.name)
             shape = _tensor_shape(layer, target)
-            if shape is not None and key in terms:
-                blocks.append(Block(target, layer.name, shape, np.ones(nbits), terms[key]))
-    info = {"hardware": hw.spec, "config": hw.config(), **hw.info(graph),
+            if shape is not None and key in exposures:
+                blocks.append(exposures[key].block(target, layer.name, shape, nbits, weights))
+                chosen.append(exposures[key])
+    info = {"hardware": hw.spec, "config": hw.config(), **hw.info(graph, number_format),
             "graph": graph.method}
-    return SiteDistribution(blocks, name=hw.spec, info=info)
+    p = SiteDistribution(blocks, name=hw.spec, info=info)
+    rates = {s: hw.upset_rate(s) for se in chosen for s in {**se.word, **se.acc}}
+    info.update(breakdown(chosen, nbits, p.total, hw.structure_weights(),
+                          hw.structure_weights(raw=True), rates))
+    return p

@@ -1,13 +1,16 @@
-"""Systolic-array exposure model: live cycles of every value in PE registers and buffers.
+"""Systolic-array exposure model: bit-cycles of every value in each storage structure.
 
 Each Conv/ConvTranspose/Linear layer is lowered to GEMMs ``O[M,N] = W[M,K] @ X[K,N]``, tiled
 onto an R x C array (weight-, output- or input-stationary) and run back to back. A value
-counts from its write into a register or buffer until its last read there (ACE lifetime):
-e.g. weight-stationary, weight (r, c) of a tile lives ``N + 2r + c`` register cycles, an X
-entry one cycle per column it crosses, a partial sum one per row plus ``N + Mt - 2 + Kt'``
-output-buffer cycles between K-tiles. Buffers are tracked per layer; partial sums count with
-``accumulator_bits / format bits``. The full model and its assumptions:
-docs/resiliency-accuracy.md ("systolic").
+counts from its write into a register or buffer until its last read there (ACE lifetime),
+in the structure that holds it: PE registers (flip-flops), weight / activation / output
+(accumulator) buffers (SRAM, capacities from the TOML) and DRAM. Occupancy never exceeds a
+buffer's capacity: the stream dimension is split into chunks whose partial sums fit the
+output buffer, a layer's weights that do not fit are staged one tile at a time, and live
+activations share the activation buffer by water-filling (:mod:`flipguard.ra.buffers`),
+the rest in DRAM. Partial sums count per accumulator bit and reach the output through
+requantisation (:mod:`flipguard.ra.accumulator`). Parameters: :mod:`flipguard.ra.hwconfig`;
+model and assumptions: docs/exposure-models.md.
 
 >>> cfg = load_systolic(None)
 >>> cfg.rows, cfg.dataflow
@@ -17,120 +20,24 @@ docs/resiliency-accuracy.md ("systolic").
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flipguard.errors import ConfigError
-from flipguard.faults import FORMAT_NAMES, NumberFormat
+from flipguard.faults import FloatFormat, NumberFormat
+from flipguard.ra.accumulator import psum_map, requant_ratio
+from flipguard.ra.buffers import ActivationPlacement, place_activations
 from flipguard.ra.distribution import Term
 from flipguard.ra.exposure import HardwareModel, Layer, LayerGraph
+from flipguard.ra.hwconfig import DATAFLOWS, DEFAULT_TOML, SystolicConfig, load_systolic
+from flipguard.ra.structures import SiteExposure, scaled
 
 __all__ = ["SystolicConfig", "SystolicModel", "load_systolic", "DEFAULT_TOML", "DATAFLOWS"]
 
-DEFAULT_TOML = Path(__file__).parent / "hardware" / "default_systolic.toml"
-_LONG = {"ws": "weight-stationary", "os": "output-stationary", "is": "input-stationary"}
-DATAFLOWS = {**{v: k for k, v in _LONG.items()}, **{k: k for k in _LONG}}
 DENSE_CAP = 1 << 22  # largest per-element array kept for one tensor (IS reads, col2im)
-
-
-@dataclass(frozen=True)
-class SystolicConfig:
-    """Parameters of the array (see ``hardware/default_systolic.toml``)."""
-
-    rows: int = 16
-    cols: int = 16
-    dataflow: str = "weight-stationary"
-    clock_mhz: float = 500.0
-    weight_kib: float = 256.0
-    activation_kib: float = 512.0
-    accumulator_bits: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(FORMAT_NAMES, 32))
-    source: str = "default"
-
-    def __post_init__(self) -> None:
-        if self.rows < 1 or self.cols < 1 or self.dataflow not in DATAFLOWS:
-            raise ConfigError(f"systolic: expected rows, cols >= 1 and a dataflow in "
-                              f"{', '.join(_LONG.values())}, got {self.rows}, {self.cols}, "
-                              f"{self.dataflow!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {"array": {k: d[k] for k in ("rows", "cols", "dataflow", "clock_mhz")},
-                "buffers": {k: d[k] for k in ("weight_kib", "activation_kib")},
-                "accumulator_bits": dict(d["accumulator_bits"]), "source": self.source}
-
-
-def _toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise ConfigError(f"{path}: reading TOML needs Python >= 3.11 or 'tomli'") from None
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: hardware file not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-
-
-def _check(path: Path, where: str, value: Any, kind: str) -> Any:
-    num = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    ok, want = {
-        "count": (num and isinstance(value, int) and value >= 1, "a positive integer"),
-        "positive": (num and value > 0, "a positive number"),
-        "size": (num and value >= 0, "a non-negative number"),
-        "dataflow": (value in DATAFLOWS, "one of " + ", ".join(_LONG.values())),
-        "bits": (num and isinstance(value, int) and 1 <= value <= 64, "bits in 1..64"),
-    }[kind]
-    if not ok:
-        raise ConfigError(f"{path}: field '{where}': expected {want}, got {value!r}")
-    return _LONG[DATAFLOWS[value]] if kind == "dataflow" else (
-        float(value) if kind in ("positive", "size") else value)
-
-
-_SCHEMA = {"array": {"rows": "count", "cols": "count", "dataflow": "dataflow",
-                     "clock_mhz": "positive"},
-           "buffers": {"weight_kib": "size", "activation_kib": "size"},
-           "accumulator_bits": dict.fromkeys(FORMAT_NAMES, "bits")}
-
-
-def load_systolic(path: str | Path | None = None) -> SystolicConfig:
-    """The default configuration, overlaid with the TOML file ``path`` when given; a bad
-    field raises one ConfigError line naming the file and the field.
-
-    >>> load_systolic().to_dict()["buffers"]["weight_kib"]
-    256.0
-    """
-    values: dict[str, Any] = {}
-    files = [DEFAULT_TOML] + ([Path(path)] if path else [])
-    for f in files:
-        data = _toml(f)
-        for section, fields in data.items():
-            if section not in _SCHEMA:
-                raise ConfigError(f"{f}: unknown section [{section}]; expected one of "
-                                  f"{', '.join(_SCHEMA)}")
-            if not isinstance(fields, dict):
-                raise ConfigError(f"{f}: field '{section}': expected a [{section}] table")
-            for key, value in fields.items():
-                kind = _SCHEMA[section].get(key)
-                if kind is None:
-                    raise ConfigError(f"{f}: unknown field '{section}.{key}'; expected one of "
-                                      f"{', '.join(_SCHEMA[section])}")
-                value = _check(f, f"{section}.{key}", value, kind)
-                if section == "accumulator_bits":
-                    values.setdefault("accumulator_bits", {})[key] = value
-                else:
-                    values[key] = value
-    return SystolicConfig(**values, source=str(path) if path else "default")
+Key = tuple[str, str]
 
 
 def _tiles(n: int, t: int) -> np.ndarray:
@@ -138,19 +45,23 @@ def _tiles(n: int, t: int) -> np.ndarray:
 
 
 def _loc(n_global: int, n_local: int, tile: int):
-    """Per coordinate of an axis: group, tile, position in tile, tile size."""
+    """Per coordinate of an axis: group, tile, position in tile, tile size, local index."""
     c = np.arange(n_global)
     grp, loc = np.divmod(c, n_local)
     t, pos = np.divmod(loc, tile)
     return grp, t, pos.astype(np.float64), _tiles(n_local, tile)[t], loc.astype(np.float64)
 
 
-def _cls(shape: tuple[int, ...], axis: int, classes: np.ndarray, table: np.ndarray) -> Term:
-    return Term.axis(shape, axis, None, classes, table)
-
-
-def _fac(shape: tuple[int, ...], axis: int, factor: np.ndarray) -> Term:
-    return Term.axis(shape, axis, np.asarray(factor, float))
+def _mn(shape: tuple[int, int], m_axis: int, table: Any = 1.0, cls_m=None, cls_n=None,
+        fac_m=None, fac_n=None) -> Term:
+    """Term ``table[cls_m, cls_n] * fac_m * fac_n`` on a 2-D view whose GEMM M axis (or a
+    weight's M axis; ``n`` is then its K axis) lies at ``m_axis``."""
+    tab = np.asarray(table, dtype=np.float64).reshape(
+        (1, 1) if np.ndim(table) == 0 else np.shape(table))
+    cl, fa = [cls_m, cls_n], [fac_m, fac_n]
+    if m_axis == 1:
+        tab, cl, fa = tab.T, cl[::-1], fa[::-1]
+    return Term(shape, tab, cl, fa)
 
 
 def _counts(n_in: int, n_out: int, k: int, s: int, p: int, d: int) -> np.ndarray:
@@ -186,95 +97,120 @@ def _fold(cols: np.ndarray, layer: Layer, out_spatial: tuple[int, ...]) -> np.nd
 
 
 class _Schedule:
-    """Tiling, timing and per-value cycles of one layer under one dataflow."""
+    """Tiling, timing and per-value register / buffer cycles of one layer. Weight- and
+    input-stationary: loop P-tile > stream chunk > K-tile (``tau[p, c, k]``); output-
+    stationary: M-tile > N-tile (``tau[m, n]``)."""
 
-    def __init__(self, layer: Layer, cfg: SystolicConfig, acc: float) -> None:
-        self.ly, self.R, self.C, self.acc = layer, cfg.rows, cfg.cols, acc
+    def __init__(self, layer: Layer, cfg: SystolicConfig, acc_bits: int, fmt_bits: int) -> None:
+        self.ly, self.R, self.C = layer, cfg.rows, cfg.cols
         self.df = DATAFLOWS[cfg.dataflow]
         M, K, N, R, C = layer.M, layer.K, layer.N, cfg.rows, cfg.cols
+        cap = cfg.capacity_bits("output_buffer")
         if self.df == "os":
             self.mts, self.nts = _tiles(M, R), _tiles(N, C)
             tau = K + 2 * self.mts[:, None] + self.nts[None, :] - 3
-        else:  # stationary operand (K x P), stream S
+            block = self.mts.max() * self.nts.max() * acc_bits
+            self.nch, self.sc = 1, N
+        else:  # stationary operand (K x P), stream S, chunked so a P-tile x chunk block fits
             self.P, self.S = (M, N) if self.df == "ws" else (N, M)
             self.kts, self.pts = _tiles(K, R), _tiles(self.P, C)
-            tau = 2 * self.kts[None, :] + self.S + self.pts[:, None] - 2
-        self.tau = tau  # (outer tiles, inner tiles) in loop order
+            pmax = float(self.pts.max())
+            self.sc = self.S if self.S * pmax * acc_bits <= cap else max(
+                1, int(cap // (pmax * acc_bits)))
+            self.scs = _tiles(self.S, self.sc)
+            self.nch = len(self.scs)
+            tau = (2 * self.kts[None, None, :] + self.scs[None, :, None]
+                   + self.pts[:, None, None] - 2)
+            block = pmax * self.sc * acc_bits
+        self.f_ob = 1.0 if block <= cap else cap / block
+        self.tau = tau
         self.Tg = float(tau.sum())
         self.T = layer.groups * self.Tg
-        self.start = (np.cumsum(tau.ravel()) - tau.ravel()).reshape(tau.shape)
-        self.end = self.start + tau
-        g = np.arange(layer.groups)[:, None]
-        # cycles from the end of each outer tile row to the end of the layer: (groups, outer)
-        self.after_row = (layer.groups - 1 - g) * self.Tg + (self.Tg - self.end[:, -1][None, :])
+        end = np.cumsum(tau.ravel()).reshape(tau.shape)
+        row_end = end if self.df == "os" else end[..., -1]
+        g = np.arange(layer.groups)[:, None, None]
+        # cycles from the drain of each output block to the end of the layer: (groups, a, b)
+        self.after = (layer.groups - 1 - g) * self.Tg + (self.Tg - row_end)[None]
+
+    def stage_bits(self, fmt_bits: int) -> float:
+        """Weight bits staged in the weight buffer at a time when a layer does not fit."""
+        if self.df == "os":
+            return float(self.mts.max() * self.ly.K * fmt_bits)
+        p = self.pts.max() if self.df == "ws" else self.sc
+        return float(p * self.kts.max() * fmt_bits)
 
     # ------------------------------------------------------------------ weights, bias
-    def weight_terms(self, fits: bool) -> list[Term]:
+    def weight_terms(self, fits: bool, f_w: float) -> tuple[list[Term], list[Term]]:
+        """(PE register terms, weight-buffer terms) of the weight."""
         ly = self.ly
         shape, m_axis = ly.weight_view
         k_axis = 1 - m_axis
-        _, mt, mpos, _, _ = _loc(shape[m_axis], ly.M, self.C if self.df != "os" else self.R)
-        _, kt, kpos, _, _ = _loc(shape[k_axis], ly.K, self.R)
-        terms = []
+        kt = _loc(shape[k_axis], ly.K, self.R)[1]
         if self.df == "ws":
-            terms += [Term.const(shape, ly.N), _fac(shape, k_axis, 2 * kpos),
-                      _fac(shape, m_axis, mpos)]
-            if not fits:
-                cl: list[np.ndarray | None] = [None, None]
-                cl[m_axis], cl[k_axis] = mt, kt
-                tab = self.tau if m_axis == 0 else self.tau.T
-                terms.append(Term(shape, tab, cl))
+            _, pt, mpos, _, _ = _loc(shape[m_axis], ly.M, self.C)
+            kpos = _loc(shape[k_axis], ly.K, self.R)[2]
+            pe = [Term.const(shape, ly.N), _mn(shape, m_axis, 2 * self.nch, fac_n=kpos),
+                  _mn(shape, m_axis, self.nch, fac_m=mpos)]
+            staged = _mn(shape, m_axis, self.tau.sum(axis=1), pt, kt)
+        elif self.df == "is":
+            chunk = _loc(shape[m_axis], ly.M, self.sc)[1]
+            pe = [Term.const(shape, ly.N)]
+            staged = _mn(shape, m_axis, self.tau.sum(axis=0), chunk, kt)
         else:
-            terms.append(Term.const(shape, ly.N))
-            if not fits and self.df == "is":
-                terms.append(_cls(shape, k_axis, kt, self.tau.sum(axis=0)))
-            elif not fits:
-                terms.append(_cls(shape, m_axis, mt, self.tau.sum(axis=1)))
-        if fits:
-            terms.append(Term.const(shape, self.T))
-        return terms
+            mt = _loc(shape[m_axis], ly.M, self.R)[1]
+            pe = [Term.const(shape, ly.N)]
+            staged = _mn(shape, m_axis, self.tau.sum(axis=1)[:, None], mt)
+        buf = [Term.const(shape, self.T)] if fits else [scaled(staged, f_w)] if f_w > 0 else []
+        return pe, buf
 
-    def bias_terms(self, fits: bool, n_out: int) -> list[Term]:
+    def bias_terms(self, fits: bool, f_w: float, n_out: int) -> list[Term]:
         ly = self.ly
         if fits:
             return [Term.const((n_out,), self.T)]
+        if f_w <= 0:
+            return []
         if ly.kind == "convT" or self.df == "is":
-            return [Term.const((n_out,), self.Tg)]
-        _, t, _, _, _ = _loc(n_out, ly.M, self.C if self.df == "ws" else self.R)
-        return [_cls((n_out,), 0, t, self.tau.sum(axis=1))]
+            return [Term.const((n_out,), self.Tg * f_w)]
+        t = _loc(n_out, ly.M, self.C if self.df == "ws" else self.R)[1]
+        per = self.tau.sum(axis=(1, 2)) if self.df == "ws" else self.tau.sum(axis=1)
+        return [Term.axis((n_out,), 0, None, t, per * f_w)]
 
     # ------------------------------------------------------------------ outputs
-    def output_terms(self, shape: tuple[int, int], m_axis: int) -> list[Term]:
-        """Cycles of each output element on a (m, n) view (groups along the m axis)."""
-        ly, acc, n_axis = self.ly, self.acc, 1 - m_axis
+    def output_terms(self, shape: tuple[int, int], m_axis: int) -> dict[str, list[Term]]:
+        """Cycles of each output element on a (m, n) view (groups along the m axis):
+        ``pe`` / ``ob`` per accumulator bit (PE registers / output buffer), ``after`` per
+        stored bit, from its drain out of the accumulator to the end of the layer."""
+        ly = self.ly
         M, K, N = ly.M, ly.K, ly.N
         nm = shape[m_axis]
         if self.df == "os":
             g, mt, i, mts, _ = _loc(nm, M, self.R)
             _, nt, j, nts, _ = _loc(N, N, self.C)
-            rest = (ly.groups - 1 - np.arange(ly.groups))[:, None, None] * self.Tg + (
-                self.Tg - self.end)[None]
-            cl: list[np.ndarray | None] = [None, None]
-            cl[m_axis], cl[n_axis] = g * len(self.mts) + mt, nt
-            tab = rest.reshape(-1, len(self.nts))
-            return [Term.const(shape, acc * K), _fac(shape, n_axis, acc * (nts - 1 - j)),
-                    _fac(shape, m_axis, acc * 2 * (mts - 1 - i) + i),
-                    Term(shape, tab if m_axis == 0 else tab.T, cl)]
-        nk = len(self.kts)
-        gap = (nk - 1) * (self.S + self.pts - 2) + (K - self.kts[0])
+            after = self.after.reshape(-1, len(self.nts))
+            return {"pe": [Term.const(shape, K), _mn(shape, m_axis, fac_n=nts - 1 - j),
+                           _mn(shape, m_axis, fac_m=2 * (mts - 1 - i))],
+                    "ob": [_mn(shape, m_axis, fac_m=i)],
+                    "after": [_mn(shape, m_axis, after, g * len(self.mts) + mt, nt)]}
+        nk, npt = len(self.kts), len(self.pts)
+        gap = ((nk - 1) * (self.scs[None, :] + self.pts[:, None] - 2)
+               + (K - self.kts[0]))  # (p, c)
         if self.df == "ws":
-            g, pt, c, pts, _ = _loc(nm, M, self.C)
-            return [_cls(shape, m_axis, pt, acc * (K + gap)),
-                    _cls(shape, m_axis, g * len(self.pts) + pt, self.after_row.ravel()),
-                    _fac(shape, n_axis, N - 1 - np.arange(N)), _fac(shape, m_axis, pts - 1 - c)]
-        g, _, _, _, mloc = _loc(nm, M, M)
-        _, pt, c, pts, _ = _loc(N, N, self.C)
-        cl = [None, None]
-        cl[m_axis], cl[n_axis] = g, pt
-        tab = self.after_row
-        return [_cls(shape, n_axis, pt, acc * (K + gap)),
-                Term(shape, tab if m_axis == 0 else tab.T, cl),
-                _fac(shape, m_axis, M - 1 - mloc), _fac(shape, n_axis, pts - 1 - c)]
+            g, pt, col, pts, _ = _loc(nm, M, self.C)
+            _, ch, nloc, scs, _ = _loc(N, N, self.sc)
+            after = self.after.reshape(-1, self.nch)
+            return {"pe": [Term.const(shape, K)],
+                    "ob": [_mn(shape, m_axis, gap, pt, ch),
+                           _mn(shape, m_axis, fac_n=scs - 1 - nloc),
+                           _mn(shape, m_axis, fac_m=pts - 1 - col)],
+                    "after": [_mn(shape, m_axis, after, g * npt + pt, ch)]}
+        g, ch, mloc, scs, _ = _loc(nm, M, self.sc)
+        _, pt, col, pts, _ = _loc(N, N, self.C)
+        after = self.after.transpose(0, 2, 1).reshape(-1, npt)
+        return {"pe": [Term.const(shape, K)],
+                "ob": [_mn(shape, m_axis, gap.T, ch, pt),
+                       _mn(shape, m_axis, fac_m=scs - 1 - mloc),
+                       _mn(shape, m_axis, fac_n=pts - 1 - col)],
+                "after": [_mn(shape, m_axis, after, g * self.nch + ch, pt)]}
 
     # ------------------------------------------------------------------ inputs
     def entry_mean(self) -> float:
@@ -282,14 +218,14 @@ class _Schedule:
         ly = self.ly
         if self.df != "is":
             return float(ly.M)
-        return ly.M + 2 * float(np.mean(np.arange(ly.K) % self.R)) + float(
-            np.mean(np.arange(ly.N) % self.C))
+        return ly.M + self.nch * (2 * float(np.mean(np.arange(ly.K) % self.R)) + float(
+            np.mean(np.arange(ly.N) % self.C)))
 
     def input_terms(self) -> list[Term] | None:
         """Register cycles of each element of this layer's input (None: too large)."""
         ly = self.ly
         shape = ly.in_shape
-        M, R, C = ly.M, self.R, self.C
+        M, R, C, nch = ly.M, self.R, self.C, self.nch
         if ly.kind == "linear" or ly.kind == "convT":
             view = (max(math.prod(shape[:-1]), 1), shape[-1]) if ly.kind == "linear" else (
                 shape[0], math.prod(shape[1:]))
@@ -297,16 +233,15 @@ class _Schedule:
             if self.df != "is":
                 return [Term.const(view, M)]
             kloc = _loc(view[k_axis], ly.K, R)[2]
-            return [Term.const(view, M), _fac(view, k_axis, 2 * kloc),
-                    _fac(view, 1 - k_axis, np.arange(view[1 - k_axis]) % C)]
-        geom = _conv_geom(ly)
-        counts = [_counts(*gm) for gm in geom]
+            return [Term.const(view, M), Term.axis(view, k_axis, 2 * nch * kloc),
+                    Term.axis(view, 1 - k_axis, nch * (np.arange(view[1 - k_axis]) % C))]
+        counts = [_counts(*gm) for gm in _conv_geom(ly)]
         if self.df != "is":
             return [Term(shape, float(M), None, [None, *counts])]
         kk = math.prod(ly.module.kernel_size)
         if ly.groups * ly.K * ly.N <= DENSE_CAP:
             rows = np.arange(shape[0] * kk) % ly.K % R
-            cols = (M + 2 * rows[:, None] + (np.arange(ly.N) % C)[None, :]).astype(float)
+            cols = (M + nch * (2 * rows[:, None] + (np.arange(ly.N) % C)[None, :])).astype(float)
             dense = _fold(cols, ly, shape[1:])
             if dense is not None:
                 return [Term.full(dense)]
@@ -320,16 +255,29 @@ class _Schedule:
         return self.entry_mean() * reads
 
 
-def _convT_output(sched: _Schedule) -> list[Term]:
+def _convT_output(sched: _Schedule) -> dict[str, list[Term]]:
+    """Output terms of a transposed conv: GEMM columns folded back with col2im (partial
+    words add up; the stored output's time after the drain is the mean of its parts)."""
     ly = sched.ly
     view = (ly.groups * ly.M, ly.N)
-    if view[0] * view[1] <= DENSE_CAP:
-        cols = sum(t.values(np.arange(view[0] * view[1])) for t in sched.output_terms(view, 0))
-        dense = _fold(np.asarray(cols).reshape(view), ly, ly.out_shape[1:])
-        if dense is not None:
-            return [Term.full(dense)]
-    total = sum(t.mass for t in sched.output_terms(view, 0))
-    return [Term.const(ly.out_shape, total / math.prod(ly.out_shape))]
+    parts = sched.output_terms(view, 0)
+    numel, out_numel = view[0] * view[1], math.prod(ly.out_shape)
+    if numel <= DENSE_CAP:
+        idx = np.arange(numel)
+        ones = _fold(np.ones(view), ly, ly.out_shape[1:])
+        folded = {}
+        for key, ts in parts.items():
+            dense = _fold(np.asarray(sum(t.values(idx) for t in ts)).reshape(view), ly,
+                          ly.out_shape[1:])
+            if dense is None or ones is None:
+                break
+            if key == "after":
+                dense = np.divide(dense, ones, out=np.zeros_like(dense), where=ones > 0)
+            folded[key] = [Term.full(dense)]
+        else:
+            return folded
+    return {key: [Term.const(ly.out_shape, sum(t.mass for t in ts) / (
+        numel if key == "after" else out_numel))] for key, ts in parts.items()}
 
 
 class SystolicModel(HardwareModel):
@@ -341,59 +289,105 @@ class SystolicModel(HardwareModel):
         self.cfg = config or load_systolic()
         self.spec = "systolic" if self.cfg.source == "default" else f"systolic:{self.cfg.source}"
 
+    def acc_bits(self, fmt: NumberFormat) -> int:
+        return int(self.cfg.accumulator_bits.get(fmt.name, 32))
+
     def schedules(self, graph: LayerGraph, fmt_bits: int = 32,
                   fmt_name: str = "fp32") -> list[_Schedule]:
-        acc = self.cfg.accumulator_bits.get(fmt_name, 32) / fmt_bits
-        return [_Schedule(layer, self.cfg, acc) for layer in graph.layers]
+        acc = self.cfg.accumulator_bits.get(fmt_name, 32)
+        return [_Schedule(layer, self.cfg, acc, fmt_bits) for layer in graph.layers]
 
     def timeline(self, graph: LayerGraph, scheds: list[_Schedule]) -> tuple[np.ndarray, float]:
         ends = np.cumsum([s.T for s in scheds])
         return ends, float(ends[-1] + math.ceil(graph.output_numel / self.cfg.cols))
 
-    def terms(self, graph: LayerGraph, fmt: NumberFormat) -> dict[tuple[str, str], list[Term]]:
-        cfg, fmt_bits = self.cfg, fmt.bits
-        scheds = self.schedules(graph, fmt_bits, fmt.name)
+    def structure_weights(self, raw: bool = False) -> dict[str, float]:
+        return self.cfg.structure_weights(raw)
+
+    def upset_rate(self, structure: str) -> float | None:
+        return self.cfg.upset_rate(structure)
+
+    def placement(self, graph: LayerGraph, fmt: NumberFormat
+                  ) -> tuple[list[_Schedule], np.ndarray, float, ActivationPlacement]:
+        """Schedules, layer end cycles, total cycles and the activation-buffer placement."""
+        scheds = self.schedules(graph, fmt.bits, fmt.name)
         ends, total = self.timeline(graph, scheds)
-        readout = total - ends[-1]
-        out: dict[tuple[str, str], list[Term]] = {}
+        durations = np.array([s.T for s in scheds] + [total - ends[-1]])
+        last = []
+        for i, layer in enumerate(graph.layers):
+            c = max((u.consumer for u in layer.uses), default=None)
+            last.append(None if c is None or c <= i else c)  # <= i: fused at its drain
+        bits = np.array([math.prod(ly.out_shape) * fmt.bits for ly in graph.layers], float)
+        pl = place_activations(durations, last, bits,
+                               self.cfg.capacity_bits("activation_buffer"))
+        return scheds, ends, total, pl
+
+    def exposure(self, graph: LayerGraph, fmt: NumberFormat) -> dict[Key, SiteExposure]:
+        cfg, fb = self.cfg, fmt.bits
+        scheds, _, total, pl = self.placement(graph, fmt)
+        cap_w = cfg.capacity_bits("weight_buffer")
+        out: dict[Key, SiteExposure] = {}
         for i, (layer, s) in enumerate(zip(graph.layers, scheds, strict=True)):
             w = layer.module.weight
-            fits = w.numel() * fmt_bits / 8 <= cfg.weight_kib * 1024
-            out[("weight", layer.name)] = s.weight_terms(fits)
             b = getattr(layer.module, "bias", None)
-            if isinstance(b, torch.Tensor):
-                out[("bias", layer.name)] = s.bias_terms(fits, b.numel())
+            b = b if isinstance(b, torch.Tensor) else None
+            fits = (w.numel() + (0 if b is None else b.numel())) * fb <= cap_w
+            f_w = 1.0 if fits else min(1.0, cap_w / s.stage_bits(fb))
+            pe, buf = s.weight_terms(fits, f_w)
+            dram = [Term.const(tuple(w.shape), total)]
+            out[("weight", layer.name)] = SiteExposure(
+                {"pe": pe, "weight_buffer": buf, "dram": dram})
+            if b is not None:
+                out[("bias", layer.name)] = SiteExposure(
+                    {"weight_buffer": s.bias_terms(fits, f_w, b.numel()),
+                     "dram": [Term.const((b.numel(),), total)]})
             if layer.kind == "convT":
-                terms = _convT_output(s)
+                parts = _convT_output(s)
             elif layer.kind == "linear":
-                terms = s.output_terms((layer.N, layer.M), 1)
+                parts = s.output_terms((layer.N, layer.M), 1)
             else:
-                terms = s.output_terms((layer.groups * layer.M, layer.N), 0)
-            numel = math.prod(layer.out_shape)
-            on_chip = numel * fmt_bits / 8 <= cfg.activation_kib * 1024
-            ends_of = [ends[u.consumer] if u.consumer < len(scheds) else total
-                       for u in layer.uses]
-            durs = [scheds[u.consumer].T if u.consumer < len(scheds) else readout
-                    for u in layer.uses if u.reads]
-            buf = (max(ends_of) - ends[i] if on_chip else sum(durs)) if layer.uses else 0.0
-            terms.append(Term.const(layer.out_shape, buf))
-            for u in layer.uses:
-                if u.consumer >= len(scheds) or not u.reads:
-                    continue
-                reader = scheds[u.consumer]
-                exact = u.exact and math.prod(reader.ly.in_shape) == numel
-                got = reader.input_terms() if exact else None
-                mean = reader.input_total() / math.prod(reader.ly.in_shape)  # not aligned
-                terms += got if got is not None else [Term.const(layer.out_shape, mean)]
-            out[("activation", layer.name)] = terms
+                parts = s.output_terms((layer.groups * layer.M, layer.N), 0)
+            word: dict[str, list[Term]] = {"pe": self._reads(layer, scheds)}
+            if i in pl.live[i]:  # has a life in the activation buffer / DRAM
+                d = float(pl.during[i])
+                word["activation_buffer"] = [scaled(t, d) for t in parts["after"]] + [
+                    Term.const(layer.out_shape, pl.on_chip[i])]
+                word["dram"] = [scaled(t, 1.0 - d) for t in parts["after"]] + [
+                    Term.const(layer.out_shape, pl.dram[i])]
+            acc = {"pe": parts["pe"], "output_buffer": [scaled(t, s.f_ob) for t in parts["ob"]],
+                   "dram": [scaled(t, 1.0 - s.f_ob) for t in parts["ob"] if s.f_ob < 1]}
+            ratio = None if isinstance(fmt, FloatFormat) else requant_ratio(
+                float(w.detach().abs().max()), layer.in_amax, layer.out_amax, layer.K)
+            out[("activation", layer.name)] = SiteExposure(
+                word, acc, psum_map(fmt, self.acc_bits(fmt), ratio))
         return out
+
+    def _reads(self, layer: Layer, scheds: list[_Schedule]) -> list[Term]:
+        """PE register cycles of this output while its readers stream it through the array."""
+        terms: list[Term] = []
+        numel = math.prod(layer.out_shape)
+        for u in layer.uses:
+            if u.consumer >= len(scheds) or not u.reads:
+                continue
+            reader = scheds[u.consumer]
+            exact = u.exact and math.prod(reader.ly.in_shape) == numel
+            got = reader.input_terms() if exact else None
+            mean = reader.input_total() / math.prod(reader.ly.in_shape)  # not aligned
+            terms += got if got is not None else [Term.const(layer.out_shape, mean)]
+        return terms
+
+    def terms(self, graph: LayerGraph, fmt: NumberFormat) -> dict[Key, list[Term]]:
+        """Bit-averaged element weights per tensor (see :meth:`exposure` for the parts)."""
+        w = self.structure_weights()
+        return {k: se.combined(w, fmt.bits) for k, se in self.exposure(graph, fmt).items()}
 
     def config(self) -> dict[str, Any]:
         return self.cfg.to_dict()
 
-    def info(self, graph: LayerGraph) -> dict[str, Any]:
-        scheds = self.schedules(graph)
+    def info(self, graph: LayerGraph, fmt: NumberFormat | None = None) -> dict[str, Any]:
+        bits, name = (fmt.bits, fmt.name) if fmt is not None else (32, "fp32")
+        scheds = self.schedules(graph, bits, name)
         total = self.timeline(graph, scheds)[1]
         return {"cycles": total, "latency_s": total / (self.cfg.clock_mhz * 1e6),
-                "layer_cycles": {s.ly.name: s.T for s in scheds}}
-
+                "layer_cycles": {s.ly.name: s.T for s in scheds},
+                "stream_chunks": {s.ly.name: s.nch for s in scheds if s.nch > 1}}
