@@ -21,7 +21,7 @@ from flipguard.fileio import atomic_write
 from flipguard.report.html import render_html, render_markdown
 from flipguard.report.sections import Figure, ReportContext, Section, Table, make_sections
 
-__all__ = ["ReportFiles", "build_report", "render_report", "table_csv"]
+__all__ = ["ReportFiles", "build_report", "render_report", "table_csv", "write_report"]
 
 MANIFEST = ".flipguard-report.json"
 """Inside the assets folder: every file the last report wrote, with its sha256."""
@@ -120,15 +120,24 @@ def render_report(ctx: ReportContext, out: str | Path | None = None) -> Path:
     """Render every registered section of ``ctx`` and write all report files; returns the
     HTML path (default ``ctx.run_path / "report.html"``).
 
-    >>> ctx = ReportContext(Path("runs/x"), metrics={"image_auroc": 0.9})
-    >>> render_report(ctx).name                                    # doctest: +SKIP
+    >>> import tempfile
+    >>> ctx = ReportContext(Path(tempfile.mkdtemp()), metrics={"image_auroc": 0.9})
+    >>> render_report(ctx).name
     'report.html'
     """
-    files = ReportFiles(out if out is not None else ctx.run_path / "report.html")
-    sections = make_sections(ctx)
     subtitle = f"Run {ctx.run_path}"
     if ctx.campaign is not None:
         subtitle += f" · criterion {ctx.campaign.criterion} · {ctx.campaign.method} intervals"
+    return write_report(make_sections(ctx), out if out is not None else
+                        ctx.run_path / "report.html", ctx.title, subtitle)
+
+
+def write_report(sections: Sequence[Section], out: str | Path, title: str,
+                 subtitle: str = "") -> Path:
+    """Write ``sections`` as one self-contained HTML file (figures inlined), a Markdown file
+    beside it and CSV/PNG/SVG assets in ``<out without suffix>/``; returns the HTML path.
+    Never overwrites or deletes a file it did not write (see :class:`ReportFiles`)."""
+    files = ReportFiles(out)
     previous = _previous(files)
     outputs: list[tuple[Path, bytes]] = [
         (files.assets / f"{t.name}.csv", table_csv(t).encode()) for t in _blocks(sections, Table)]
@@ -144,8 +153,8 @@ def render_report(ctx: ReportContext, out: str | Path | None = None) -> Path:
     written["../" + files.markdown.name] = ""
     atomic_write(files.assets / MANIFEST, json.dumps({"files": written}, indent=1) + "\n")
     rel = f"{files.assets.name}/figures"
-    atomic_write(files.markdown, render_markdown(sections, ctx.title, subtitle, rel))
-    atomic_write(files.html, render_html(sections, ctx.title, subtitle, files.assets.name))
+    atomic_write(files.markdown, render_markdown(sections, title, subtitle, rel))
+    atomic_write(files.html, render_html(sections, title, subtitle, files.assets.name))
     return files.html
 
 
