@@ -6,12 +6,15 @@
    cell masses re-fitted after every batch, no pilot; the predictor is built once and shared).
 2. Under ``--hardware`` (default systolic) plain Monte Carlo with ``--mc-samples`` samples.
 3. Per-injection variance of each estimator and the injections each needs for every margin
-   in ``--margins`` at ``--confidence``: ``n = (z * sd / m)^2`` (MC: at least
-   ``--min-samples``; IS: its pooled per-sample sd over the whole run, learning batches
-   included, which over-states the sd of the later batches, so ``n`` is conservative for
-   ``n`` beyond the run). The MC sd is measured twice: from the MC samples (few non-zero
-   drops: noisy) and from the IS samples (``E_P[d^2] - D^2`` with ``E_P[d^2] = mean(w d^2)``,
-   unbiased). Injections count distinct sites (a site drawn twice is injected once).
+   in ``--margins`` at ``--confidence``, for a *valid* interval (the betting confidence
+   sequence of ``estimate_ra``: ``samples_needed`` from the variance, the mean and the term
+   bound -- 1 for MC, the proposal's last weight bound for IS) and, for comparison, for the
+   old normal interval ``(z * sd / m)^2``; at least ``--min-samples``. IS's sd is its pooled
+   per-sample sd over the whole run, learning batches included (conservative beyond the
+   run). The MC sd is measured twice: from the MC samples (few non-zero drops: noisy) and
+   from the IS samples (``E_P[d^2] - D^2`` with ``E_P[d^2] = mean(w d^2)``, unbiased).
+   Injections count distinct sites (a site drawn twice is injected once). Intervals at the
+   fixed sample counts are the confidence sequence's (valid at any fixed n).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_ra.py runs/magnetic_tile \\
         --images 64 --is-samples 256 --mc-samples 512
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 from _emit import command, emit
 from scipy.stats import norm
+
+from flipguard.ra.confseq import samples_needed
 
 MODELS = ("uniform", "memory", "systolic")
 
@@ -126,8 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "drop": est.accuracy_drop, "samples": est.samples, "ess": est.ess,
                    "injections": evaluate.injected, "pilot": pilot,
                    "nonzero_drops": int((d != 0).sum()), "sd": float((w * d).std(ddof=1)),
-                   "setup_s": setup, "seconds": time.perf_counter() - t}
+                   "setup_s": setup, "seconds": time.perf_counter() - t,
+                   "interval": est.interval, "bound": 1.0}
             if q is not None:  # MC's per-sample sd under P, from the IS samples
+                wb = getattr(q, "weight_bound", None)
+                res["bound"] = float(wb()) if callable(wb) else 1 / args.alpha
                 res["sd_mc_from_is"] = math.sqrt(max(float(np.mean(w * d ** 2))
                                                      - est.accuracy_drop ** 2, 0.0))
                 summary = getattr(q, "summary", None)
@@ -142,11 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
     r_is = out["models"][args.hardware]["is"]
     sds = {"mc (MC samples)": out["mc"]["sd"], "mc (IS samples)": r_is["sd_mc_from_is"],
            "is": r_is["sd"]}
-    out["needed"] = {}
+    bounds = {"mc (MC samples)": 1.0, "mc (IS samples)": 1.0, "is": r_is["bound"]}
+    drop = r_is["drop"]
+    out["needed"], out["needed_clt"] = {}, {}
     for m in (float(s) for s in args.margins.split(",") if s):
-        row = {k: max(args.min_samples, math.ceil((z * v / m) ** 2)) for k, v in sds.items()}
+        clt = {k: max(args.min_samples, math.ceil((z * v / m) ** 2)) for k, v in sds.items()}
+        row = {k: max(args.min_samples, samples_needed(
+            m, v ** 2, drop, bounds[k] * (golden - 1), bounds[k] * golden, args.confidence))
+            for k, v in sds.items()}
         row["ratio"] = row["mc (IS samples)"] / row["is"]
-        out["needed"][m] = row
+        clt["ratio"] = clt["mc (IS samples)"] / clt["is"]
+        out["needed"][m], out["needed_clt"][m] = row, clt
     out["sd"] = sds
     return emit(out, args.save, args.json, lambda: report(out, args, argv))
 
@@ -157,8 +171,9 @@ def report(out: dict, args, argv) -> str:
              f"golden run {out['golden_s']:.0f} s"
              + (f"; criticality predictor {out['predictor_s']:.0f} s" if "predictor_s" in out
                 else ""), "",
-             f"| exposure model | P(weight) | P(activation) | cycles | RA ({pct} CI) | "
-             "accuracy drop | samples / injections | ESS |", "|---|---|---|---|---|---|---|---|"]
+             f"| exposure model | P(weight) | P(activation) | cycles | RA ({pct} CS) | "
+             "accuracy drop | samples / injections | MC-equivalent ESS |",
+             "|---|---|---|---|---|---|---|---|"]
     for hw, m in out["models"].items():
         r = m["is"]
         cyc = f"{m['cycles']:,.0f}" if m["cycles"] else "—"
@@ -173,12 +188,21 @@ def report(out: dict, args, argv) -> str:
               f"IS ({args.hardware}): {out['models'][args.hardware]['is']['nonzero_drops']} "
               f"non-zero drops in {out['models'][args.hardware]['is']['samples']} samples", "",
               "per-injection sd: " + ", ".join(f"{k} {v:.5f}" for k, v in out["sd"].items()),
+              f"IS term bound (last batch): {r_is_bound(out, args):.3f}", "",
+              "Injections for a valid interval (betting CS; old normal interval in brackets):",
               "", "| margin | MC (sd from MC samples) | MC (sd from IS samples) | IS | "
               "MC / IS |", "|---|---|---|---|---|"]
     for m, row in out["needed"].items():
-        lines.append(f"| ±{100 * m:.3g} % | {row['mc (MC samples)']} | "
-                     f"{row['mc (IS samples)']} | {row['is']} | {row['ratio']:.1f}× |")
+        c = out["needed_clt"][m]
+        lines.append(f"| ±{100 * m:.3g} % | {row['mc (MC samples)']} "
+                     f"({c['mc (MC samples)']}) | {row['mc (IS samples)']} "
+                     f"({c['mc (IS samples)']}) | {row['is']} ({c['is']}) | "
+                     f"{row['ratio']:.1f}× ({c['ratio']:.1f}×) |")
     return "\n".join(lines + ["", f"command: {command('bench_ra.py', argv or None)}"])
+
+
+def r_is_bound(out: dict, args) -> float:
+    return float(out["models"][args.hardware]["is"]["bound"])
 
 
 if __name__ == "__main__":

@@ -8,19 +8,24 @@ on one core; reused when the model and data fingerprints match), so that
 
 * RA under ``uniform`` / ``memory`` / ``systolic`` (weight-stationary 16x16 default) is known
   exactly, next to a Monte Carlo estimate with its interval;
-* the per-injection variance of every estimator is exact (enumeration), so the injections
-  each needs for a margin ``m`` follow as ``(z * sd / m)^2``;
+* the per-injection variance of every fixed estimator is exact (enumeration), so the
+  injections each needs for a *valid* interval of half-width ``m`` can be predicted
+  (``samples_needed``: the betting confidence sequence with that variance, mean and term
+  bound) next to the old normal-interval count ``(z * sd / m)^2``;
 * sequential estimations to ``m`` (default +-0.25 % at 95 %) can be repeated over many seeds
   at no cost: an evaluation is a lookup of the cached Engine result of that site, and
   *injections* counts distinct sites (a site drawn twice is injected once, as with the
-  store), pilot included; for IS also the smallest fixed ``n`` (multiple of the batch) whose
-  root-mean-square error over the seeds is within ``m / z``.
+  store), pilot included; the interval is ``--interval`` (default the betting confidence
+  sequence, valid under the stopping rule), with ``--compare-clt`` also the old normal
+  interval (MC and the adaptive proposal with its old fixed defensive share); for IS also
+  the smallest fixed ``n`` (multiple of the batch) whose root-mean-square error over the
+  seeds is within ``m / z`` (needs the exact RA; no interval involved).
 
 ``--check`` also runs MC and adaptive IS once through ``resiliency_accuracy`` with real
 injections (the API behind ``flipguard ra --model bench_ra_classifier:digits_cnn ...``).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python benchmarks/bench_ra_classifier.py \\
-        runs/ra_digits --seeds 50 --check
+        runs/ra_digits --seeds 50 --check --compare-clt
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _emit import command, emit
+from _emit import emit
 from scipy.stats import norm
 from torch import nn
 
@@ -164,6 +169,10 @@ def make_q(name: str, p, ctx, alpha: float):
 
     if name == "oracle":
         return oracle_q(p, ctx.evaluate, ctx.golden_accuracy, alpha)
+    if name == "adaptive-fixed":  # the adaptive proposal with its old fixed share alpha
+        from flipguard.ra import AdaptiveProposal
+
+        return AdaptiveProposal(tune_alpha=False).mixture(p, ctx, alpha)
     prop = make_proposal(name, **({"n": 2} if name == "pilot" else {}))
     mixture = getattr(prop, "mixture", None)
     return mixture(p, ctx, alpha) if callable(mixture) else defensive(
@@ -194,10 +203,12 @@ def proposal_for(name: str, p, table: Lookup, golden: float, args, net, blob):
     return get
 
 
-def sequential(p, table: Lookup, golden: float, exact: float, get_q, args) -> dict:
+def sequential(p, table: Lookup, golden: float, exact: float, get_q, args,
+               interval: str | None = None, fixed: bool = True) -> dict:
     """``args.seeds`` sequential estimations to ``args.margin`` (mean samples, distinct
-    injections with the pilot, coverage of the exact RA) and fixed-size runs: the smallest
-    ``n`` of a grid whose root-mean-square error over the seeds is within ``margin / z``."""
+    injections with the pilot, coverage of the exact RA, mean half-width) and, with
+    ``fixed``, fixed-size runs: the smallest ``n`` of a grid whose root-mean-square error
+    over the seeds is within ``margin / z``."""
     from flipguard.ra import estimate_ra
 
     z = float(norm.ppf(0.5 + args.confidence / 2))
@@ -208,16 +219,22 @@ def sequential(p, table: Lookup, golden: float, exact: float, get_q, args) -> di
         bound = None if q is None else 1.0 / args.alpha
         est = estimate_ra(p, table, golden, q=q, target_margin=args.margin,
                           confidence=args.confidence, max_samples=args.max_samples,
-                          min_samples=100, batch=args.batch, seed=seed, weight_bound=bound)
+                          min_samples=100, batch=args.batch, seed=seed, weight_bound=bound,
+                          interval=interval or args.interval)
         rows.append({"samples": est.samples, "injections": len(table.seen) + pilot,
                      "pilot": pilot, "covered": est.ci[0] <= exact <= est.ci[1],
-                     "ra": est.ra})
+                     "ra": est.ra, "half_width": est.half_width,
+                     "alpha": (q.summary()["alpha_mean"] if hasattr(q, "summary")
+                               else None if q is None else args.alpha)})
     out = {"samples": float(np.mean([r["samples"] for r in rows])),
            "injections": float(np.mean([r["injections"] for r in rows])),
            "pilot": float(np.mean([r["pilot"] for r in rows])),
            "coverage": float(np.mean([r["covered"] for r in rows])),
+           "half_width": float(np.mean([r["half_width"] for r in rows])),
            "ra_mean": float(np.mean([r["ra"] for r in rows])), "runs": len(rows)}
-    if get_q(0)[0] is None:
+    if rows[0]["alpha"] is not None:
+        out["alpha"] = float(np.mean([r["alpha"] for r in rows]))
+    if get_q(0)[0] is None or not fixed:
         return out
     for n in range(args.batch, 40 * args.batch + 1, args.batch):
         err, inj = [], []
@@ -226,7 +243,7 @@ def sequential(p, table: Lookup, golden: float, exact: float, get_q, args) -> di
             table.reset()
             est = estimate_ra(p, table, golden, q=q, target_margin=0.0, max_samples=n,
                               min_samples=2, batch=args.batch, seed=10_000 + seed,
-                              weight_bound=1.0 / args.alpha)
+                              weight_bound=1.0 / args.alpha, interval="clt")
             err.append(est.ra - exact)
             inj.append(len(table.seen) + pilot)
         rmse = float(np.sqrt(np.mean(np.square(err))))
@@ -247,13 +264,14 @@ def check_real(out: Path, net, blob, args) -> dict:
         engine = Engine(net, blob["inputs"], ClassificationTask(blob["labels"]))
         cfg = RAConfig(hardware="systolic", estimator=est, proposal="adaptive",
                        alpha=args.alpha, target_margin=args.margin, confidence=args.confidence,
-                       max_samples=args.max_samples, batch=args.batch, seed=0)
+                       max_samples=args.max_samples, batch=args.batch, seed=0,
+                       interval=args.interval)
         store = RAStore(out / "check_ra.sqlite", {"model": "digits"}, fresh=True)
         t = time.perf_counter()
         r = resiliency_accuracy(engine, cfg, store)
         store.close()
         res[est] = {k: r[k] for k in ("ra", "ci", "half_width", "samples", "injections",
-                                      "ess", "stopped")}
+                                      "ess", "stopped", "interval")}
         res[est]["seconds"] = time.perf_counter() - t
     (out / "check_ra.sqlite").unlink(missing_ok=True)
     return res
@@ -268,8 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--alpha", type=float, default=0.2, help="defensive share of P in q")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-samples", type=int, default=200_000)
-    ap.add_argument("--proposals", default="adaptive,criticality,bitfield,pilot,oracle",
+    ap.add_argument("--proposals",
+                    default="adaptive,adaptive-fixed,criticality,bitfield,pilot,oracle",
                     help="IS proposals to compare (also: gradient)")
+    ap.add_argument("--interval", default="betting-cs", help="betting-cs | eb-cs | clt")
+    ap.add_argument("--compare-clt", action="store_true",
+                    help="also run MC and the old adaptive (fixed alpha) with the old CLT")
     ap.add_argument("--check", action="store_true", help="also run real injections once")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON only")
     ap.add_argument("--save", default=None, help="also write the summary JSON here")
@@ -280,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flipguard.inject import ClassificationTask, Engine
     from flipguard.models import load_model
     from flipguard.ra import EngineEvaluator, build_exposure
+    from flipguard.ra.confseq import samples_needed
 
     out = Path(args.out)
     wpath, dpath = prepare(out)
@@ -301,70 +324,48 @@ def main(argv: list[str] | None = None) -> dict:
         p = build_exposure(net, x[:1], hw, ("weight", "activation"))
         sites, prob = p.enumerate()
         exact = float(golden - np.sum(prob * (golden - table(sites))))
-        _, var_mc, _ = exact_variances(p, None, table, golden)
+        dm, var_mc, _ = exact_variances(p, None, table, golden)
+
+        def valid_n(var: float, bound: float, dm: float = dm) -> int:
+            return samples_needed(args.margin, var, dm, bound * (golden - 1), bound * golden,
+                                  args.confidence)
+
         m: dict = {"share": p.shares(), "exact_ra": exact, "drop": golden - exact,
-                   "sd_mc": math.sqrt(var_mc),
-                   "n_mc": (z * math.sqrt(var_mc) / args.margin) ** 2, "is": {}}
-        m["mc_seq"] = sequential(p, table, golden, exact,
-                                 proposal_for("mc", p, table, golden, args, net, blob), args)
+                   "sd_mc": math.sqrt(var_mc), "n_mc_clt": (z * math.sqrt(var_mc)
+                                                            / args.margin) ** 2,
+                   "n_mc": valid_n(var_mc, 1.0), "is": {}}
+        get_mc = proposal_for("mc", p, table, golden, args, net, blob)
+        m["mc_seq"] = sequential(p, table, golden, exact, get_mc, args)
+        if args.compare_clt:
+            m["mc_seq_clt"] = sequential(p, table, golden, exact, get_mc, args, "clt")
+            get_old = proposal_for("adaptive-fixed", p, table, golden, args, net, blob)
+            m["is_seq_clt"] = sequential(p, table, golden, exact, get_old, args, "clt",
+                                         fixed=False)
         for name in props:
             get_q = proposal_for(name, p, table, golden, args, net, blob)
             r: dict = {}
-            if name != "adaptive":  # a fixed proposal: exact per-sample variance
+            if not name.startswith("adaptive"):  # a fixed proposal: exact variance
                 _, _, var_is = exact_variances(p, get_q(0)[0], table, golden)
-                r.update({"sd": math.sqrt(var_is), "n": (z * math.sqrt(var_is) / args.margin)
-                          ** 2 + get_q(0)[1]})
-            if name != "oracle":
+                r.update({"sd": math.sqrt(var_is), "n_clt": (z * math.sqrt(var_is)
+                                                             / args.margin) ** 2 + get_q(0)[1],
+                          "n": valid_n(var_is, 1.0 / args.alpha) + get_q(0)[1]})
+            if name == "oracle":  # the best defensive share for a valid interval
+                from flipguard.ra.adaptive import SHARES
+
+                best = min((valid_n(exact_variances(p, oracle_q(p, table, golden, a), table,
+                                                    golden)[2], 1 / a), float(a))
+                           for a in SHARES[SHARES >= args.alpha])
+                r.update({"n_best": best[0], "alpha_best": best[1]})
+            else:
                 r["seq"] = sequential(p, table, golden, exact, get_q, args)
             m["is"][name] = r
         m["seconds"] = time.perf_counter() - t0
         summary["models"][hw] = m
     if args.check:
         summary["check"] = check_real(out, net, blob, args)
+    from ra_classifier_report import report
+
     return emit(summary, args.save, args.json, lambda: report(summary, args, argv), float)
-
-
-def report(s: dict, args, argv) -> str:
-    pct = f"±{100 * s['margin']:.2f} % at {100 * s['confidence']:.0f} %"
-    lines = [f"digits CNN ({s['parameters']} parameters), {s['images']} test images, golden "
-             f"accuracy {s['golden_accuracy']:.4f}; {s['sites']} sites, all injected", "",
-             "| exposure model | P(weight) | P(activation) | exact RA | accuracy drop | "
-             "MC to ±0.25 % (mean of runs) | MC coverage |", "|---|---|---|---|---|---|---|"]
-    for hw, m in s["models"].items():
-        mc = m["mc_seq"]
-        lines.append(f"| {hw} | {m['share'].get('weight', 0):.3f} | "
-                     f"{m['share'].get('activation', 0):.3f} | {m['exact_ra']:.4f} | "
-                     f"{m['drop']:.4f} | {mc['ra_mean']:.4f} ({mc['samples']:.0f} samples) | "
-                     f"{mc['coverage']:.0%} |")
-    lines += ["", f"Injections for {pct} (distinct sites, pilot included; {args.seeds} runs "
-              "per row). exact n: (z·sd/m)² from enumeration (fixed proposals; + pilot); "
-              "sequential: stop at the first batch with half-width ≤ m (min 100 samples); "
-              "fixed n: smallest n (multiple of the batch) whose RMSE over the runs is ≤ m/z.",
-              "", "| exposure model | estimator | sd per sample | exact n | sequential "
-              "(coverage) | fixed n | MC / IS (sequential) | MC / IS (exact or fixed n) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for hw, m in s["models"].items():
-        mc = m["mc_seq"]
-        lines.append(f"| {hw} | MC | {m['sd_mc']:.4f} | {m['n_mc']:.0f} | "
-                     f"{mc['injections']:.0f} ({mc['coverage']:.0%}) | — | 1 | 1 |")
-        for name, r in m["is"].items():
-            seq = r.get("seq", {})
-            sd = f"{r['sd']:.4f}" if "sd" in r else "—"
-            nx = f"{r['n']:.0f}" if "n" in r else "—"
-            sq = (f"{seq['injections']:.0f} ({seq['coverage']:.0%})" if seq else "—")
-            fx = (f"{seq['fixed_injections']:.0f}" if "fixed_injections" in seq else "—")
-            r_seq = f"{mc['injections'] / seq['injections']:.1f}×" if seq else "—"
-            den = r.get("n") or seq.get("fixed_injections")
-            r_fx = f"{m['n_mc'] / den:.1f}×" if den else "—"
-            lines.append(f"| {hw} | IS {name} | {sd} | {nx} | {sq} | {fx} | {r_seq} | "
-                         f"{r_fx} |")
-    if "check" in s:
-        lines += ["", "Real injections (systolic, seed 0, `resiliency_accuracy`, sequential "
-                  f"to {pct}):"]
-        for k, v in s["check"].items():
-            lines.append(f"* {k}: RA {v['ra']:.4f} ± {v['half_width']:.4f}, {v['samples']} "
-                         f"samples, {v['injections']} injections, {v['seconds']:.0f} s")
-    return "\n".join(lines + ["", f"command: {command('bench_ra_classifier.py', argv or None)}"])
 
 
 if __name__ == "__main__":

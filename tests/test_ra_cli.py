@@ -87,7 +87,8 @@ def test_byo_classifier_importance_sampling_resume_and_reweight(byo):
     assert out["accuracy_drop"] == pytest.approx(golden - out["ra"])
     assert out["ci"][0] <= out["ra"] <= out["ci"][1]
     assert abs(out["ra"] - exact["systolic"]) <= 4 * out["half_width"]
-    assert 0 < out["ess"] <= out["samples"] <= 600 and out["injections"] > 0
+    assert out["ess"] > 0 and out["samples"] <= 600 and out["injections"] > 0
+    assert out["interval"] == "betting-cs" and out["adaptive"]["alpha_now"] >= 0.2
     saved = json.loads((root / "ra.json").read_text())
     assert saved["schema"] == "flipguard.ra/1" and saved["ra"] == out["ra"]
     assert saved["by_hardware"]["systolic"]["ci"] == out["ci"]
@@ -101,6 +102,7 @@ def test_byo_classifier_importance_sampling_resume_and_reweight(byo):
     r = json.loads(rw.stdout)
     assert r["injections"] == 0 and r["reweighted_from"]["hardware"] == "systolic"
     assert r["samples"] == out["samples"] and r["hardware"] == "uniform"
+    assert r["interval"] == "betting-cs" and r["ci"][0] <= exact["uniform"] <= r["ci"][1]
     assert abs(r["ra"] - exact["uniform"]) <= 4 * r["half_width"]
     assert set(json.loads((root / "ra.json").read_text())["by_hardware"]) == {"systolic",
                                                                              "uniform"}
@@ -120,6 +122,7 @@ def test_byo_errors_are_one_line(byo, tmp_path):
         ((root, *_byo_args(root)), "not both"),
         ((*_byo_args(root), "--estimator", "sis"), "--estimator"),
         ((*_byo_args(root), "--targets", "weights"), "--targets"),
+        ((*_byo_args(root), "--interval", "wald"), "--interval"),
     ]
     for args, text in cases:
         res = invoke(*args, "--out", tmp_path)

@@ -40,6 +40,11 @@ TARGETS = ("weight", "bias", "activation")
 SEEDS = 200
 
 
+def covers_at_least(cover: int, n: int, level: float = 0.95) -> bool:
+    """One-sided binomial test: a coverage count not significantly below ``level``."""
+    return binomtest(cover, n, level, alternative="less").pvalue > 1e-3
+
+
 def _tiny() -> tuple[nn.Module, torch.Tensor, np.ndarray]:
     """A conv classifier trained on 3 noisy prototypes (two labels flipped: golden 22/24)."""
     g = torch.Generator().manual_seed(3)
@@ -167,8 +172,15 @@ def _coverage(world, hw, q=None, bound=None, n=1000):
 def test_monte_carlo_is_unbiased_and_covers(world, hw):
     ra, cover, exact, ests = _coverage(world, hw)
     assert abs(ra.mean() - exact) < 4 * ra.std(ddof=1) / math.sqrt(SEEDS)
-    assert binomtest(cover, SEEDS, 0.95).pvalue > 1e-3, cover
+    assert covers_at_least(cover, SEEDS), cover
     assert all(e.ess == e.samples == 1000 and e.stopped == "max-samples" for e in ests)
+    assert all(e.interval == "betting-cs" for e in ests)
+    # not trivially wide: within 2x of the normal half-width with the exact sd
+    sites, prob = world["p"][hw].enumerate()
+    d = world["ref"].golden_accuracy - world["table"](sites)
+    sd = math.sqrt(prob @ d ** 2 - (prob @ d) ** 2)
+    hw_mean = np.mean([e.half_width for e in ests])
+    assert hw_mean < 2.0 * 1.96 * sd / math.sqrt(1000), (hw_mean, sd)
 
 
 @pytest.mark.parametrize("proposal", ["bitfield", "pilot", "gradient"])
@@ -186,13 +198,15 @@ def test_importance_sampling_is_unbiased_covers_and_bounded(world, proposal):
     assert np.sum(q.prob(sites) * w * drop) == pytest.approx(np.sum(prob * drop), abs=1e-12)
     ra, cover, exact, ests = _coverage(world, "systolic", q, 5.0)
     assert abs(ra.mean() - exact) < 4 * ra.std(ddof=1) / math.sqrt(SEEDS)
-    assert binomtest(cover, SEEDS, 0.95).pvalue > 1e-3, cover
+    assert covers_at_least(cover, SEEDS), cover
     # exact per-sample variance (enumeration): the heuristics reduce it below plain MC
     d_mean = np.sum(prob * drop)
     var_is = np.sum(prob * w * drop ** 2) - d_mean ** 2
     var_mc = np.sum(prob * drop ** 2) - d_mean ** 2
     assert var_is < 0.8 * var_mc
-    assert all(0 < e.ess <= e.samples for e in ests)
+    # ESS: the MC-equivalent sample size n V_MC / V_IS, close to its exact value on average
+    ess_exact = 1000 * var_mc / var_is
+    assert 0.7 * ess_exact < np.median([e.ess for e in ests]) < 1.3 * ess_exact
 
 
 def test_reweighting_equals_fresh_estimate_under_other_model(world, tmp_path):
@@ -222,7 +236,7 @@ def test_reweighting_equals_fresh_estimate_under_other_model(world, tmp_path):
             assert np.allclose(pp, pu.prob(s)) and np.allclose(qq, q.prob(s))
         else:
             _, s, qq, pp, acc = kept[0]
-        same = reweight(s, qq, acc, pu, g)
+        same = reweight(s, qq, acc, pu, g, bound=1 / 0.3)
         assert same.ra == pytest.approx(est.ra, abs=1e-12)  # P' = P: nothing changes
         r = reweight(s, qq, acc, ps, g, bound=bound)
         rw.append(r.ra)
@@ -233,7 +247,9 @@ def test_reweighting_equals_fresh_estimate_under_other_model(world, tmp_path):
     se = math.sqrt(rw_a.var(ddof=1) / SEEDS + fresh_a.var(ddof=1) / SEEDS)
     assert abs(rw_a.mean() - fresh_a.mean()) < 4 * se
     assert abs(rw_a.mean() - exact) < 4 * rw_a.std(ddof=1) / math.sqrt(SEEDS)
-    assert binomtest(cover, SEEDS, 0.95).pvalue > 1e-3, cover
+    assert covers_at_least(cover, SEEDS), cover
+    with pytest.raises(ConfigError, match="bound"):
+        reweight(s, qq, acc, ps, g)  # no stated bound: no valid interval
     store.close()
 
 
@@ -276,17 +292,32 @@ def test_resume_is_deterministic_and_does_not_reinject(world, tmp_path):
 def test_summarise_closed_form():
     d = np.array([0.0, 0.5, 0.0, 0.25, 0.0])
     w = np.array([1.0, 2.0, 0.5, 1.0, 1.5])
-    est = summarise(d, w, golden=0.9, confidence=0.9)
+    # the old normal interval, still available for comparison
+    est = summarise(d, w, golden=0.9, confidence=0.9, bound=2.0, estimator="is",
+                    interval="clt")
     t = w * d
     hw = 1.6448536269514722 * t.std(ddof=1) / math.sqrt(5)
-    assert est.accuracy_drop == pytest.approx(t.mean())
+    assert est.accuracy_drop == pytest.approx(t.mean()) and est.interval == "clt"
     assert est.half_width == pytest.approx(hw)
     assert est.ci == pytest.approx((0.9 - t.mean() - hw, 0.9 - t.mean() + hw))
-    assert est.ess == pytest.approx(w.sum() ** 2 / (w ** 2).sum())
-    zero = summarise(np.zeros(100), np.ones(100), golden=0.8, confidence=0.95)
+    # ESS of the unbiased estimator: n * (mean(w d^2) - D^2) / (mean(t^2) - D^2)
+    dm = t.mean()
+    assert est.ess == pytest.approx(5 * (np.mean(w * d * d) - dm ** 2) / (np.mean(t * t) - dm ** 2))
+    zero = summarise(np.zeros(100), np.ones(100), golden=0.8, confidence=0.95, interval="clt")
     assert zero.ra == 0.8 and zero.half_width == pytest.approx(-math.log(0.05) / 100)
+    # the confidence sequence: point estimate unchanged, interval inside the drop's range
+    cs = summarise(d, w, golden=0.9, confidence=0.9, bound=2.0)
+    assert cs.interval == "betting-cs" and cs.accuracy_drop == pytest.approx(t.mean())
+    assert 2.0 * (0.9 - 1) <= cs.drop_ci[0] < t.mean() < cs.drop_ci[1] <= 0.9
+    assert cs.ci == pytest.approx((0.9 - cs.drop_ci[1], 0.9 - cs.drop_ci[0]))
+    # no critical fault in 100 samples: the drop's upper end is honest, not 0
+    none = summarise(np.zeros(100), np.ones(100), golden=0.8)
+    assert none.ra == 0.8 and 0.01 < none.drop_ci[1] < 0.2 and none.ci[1] == pytest.approx(
+        0.8 - none.drop_ci[0])
     with pytest.raises(ConfigError, match="--confidence"):
         summarise(d, w, 0.9, confidence=1.5)
+    with pytest.raises(ConfigError, match="weight_bound"):
+        summarise(d, w, 0.9, bound=1.0)  # a weight of 2 exceeds the stated bound
 
 
 def test_bit_sensitivity_closed_form():
@@ -372,11 +403,11 @@ def test_per_site_weights_plug_in_exactly(world):
     assert p.covers(h) and h.covers(p)
 
 
-def _adaptive(world, alpha=0.2, start="bitfield"):
+def _adaptive(world, alpha=0.2, start="bitfield", tune_alpha=False):
     p, g = world["p"]["systolic"], world["ref"].golden_accuracy
     ctx = ProposalContext(world["net"], world["x"], world["y"], "classification",
                           world["table"], g, "fp32", seed=0)
-    return AdaptiveProposal(start=start).mixture(p, ctx, alpha)
+    return AdaptiveProposal(start=start, tune_alpha=tune_alpha).mixture(p, ctx, alpha)
 
 
 @pytest.mark.parametrize("start", ["bitfield", "criticality"])
@@ -394,7 +425,7 @@ def test_adaptive_importance_sampling_is_unbiased_covers_and_bounded(world, star
     est = estimate_ra(p, world["table"], g, q=q, target_margin=0.0, max_samples=1000,
                       batch=100, seed=0, weight_bound=5.0, record=record)
     assert len(ratios) == 10 and max(ratios) <= 5 + 1e-9 and q.updates == 10
-    assert est.estimator == "is" and 0 < est.ess <= 1000
+    assert est.estimator == "is" and est.ess > 0
     # the fitted h puts its mass where the drop is (closed form: P_c x shrunk RMS)
     top = q.summary()["top_cells"]
     assert top and top[0]["h"] > 0 and top[0]["samples"] > 0
@@ -408,7 +439,7 @@ def test_adaptive_importance_sampling_is_unbiased_covers_and_bounded(world, star
         cover += e.ci[0] <= exact <= e.ci[1]
     ra_is = np.array(ra_is)
     assert abs(ra_is.mean() - exact) < 4 * ra_is.std(ddof=1) / math.sqrt(SEEDS)
-    assert binomtest(cover, SEEDS, 0.95).pvalue > 1e-3, cover
+    assert covers_at_least(cover, SEEDS), cover
     ra_mc, _, _, _ = _coverage(world, "systolic")
     assert ra_is.var(ddof=1) < 0.5 * ra_mc.var(ddof=1)
 
@@ -418,7 +449,7 @@ def test_adaptive_fit_closed_form(world):
     hierarchical shrinkage E_P[d^2] -> bit group -> (target, group) -> (target, bit) -> cell
     of the mean squared drop, and h = P x r exactly."""
     p = world["p"]["systolic"]
-    q = AdaptiveMixture(p, p, 0.2, kappa=1.0, keep_shape=False)
+    q = AdaptiveMixture(p, p, 0.2, kappa=1.0, keep_shape=False, tune_alpha=False)
     w0, w3, a0 = (p.keys.index(k) for k in (("weight", "0"), ("weight", "3"),
                                               ("activation", "0")))
     sites = Sites(p.keys, np.array([w0, w0, w3, w3, a0]), np.array([0, 1, 0, 0, 2]),
@@ -456,7 +487,7 @@ def test_adaptive_keeps_the_start_shape_inside_cells(world):
     table_w = {b.key: rng.random((32, b.numel)) + 0.1 for b in p.blocks}
     start = SiteWeightProposal(lambda t, layer, bit, n: table_w[(t, layer)][bit]).heuristic(
         p, ProposalContext())
-    q = AdaptiveMixture(p, start, 0.2)
+    q = AdaptiveMixture(p, start, 0.2, tune_alpha=False)
     s = q.sample(np.random.default_rng(0), 300)
     q.update(s, g - world["table"](s))
     every, prob = p.enumerate()
@@ -486,3 +517,26 @@ def test_adaptive_resume_is_deterministic(world, tmp_path):
     fresh = estimate_ra(p, world["table"], g, q=_adaptive(world), max_samples=200, **kw)
     assert resumed.ra == fresh.ra and resumed.ci == fresh.ci and ev.injected <= 80
     store.close()
+
+
+@pytest.mark.parametrize("start", ["bitfield", "criticality"])
+def test_adaptive_weight_bound_is_exact_and_tuned_share_is_valid(world, start):
+    """``weight_bound()`` equals ``max P/q_b`` over every enumerated site before each batch,
+    and the defensive share picked from the samples stays >= alpha (so P/q_b <= 1/alpha)."""
+    p, g = world["p"]["systolic"], world["ref"].golden_accuracy
+    q = _adaptive(world, start=start, tune_alpha=True)
+    every, prob = p.enumerate()
+    rng = np.random.default_rng(3)
+    shares = set()
+    for _ in range(8):
+        assert q.weight_bound() == pytest.approx(float((prob / q.prob(every)).max()), rel=1e-9)
+        assert q.a >= 0.2 and q.weight_bound() <= 5 + 1e-9
+        shares.add(q.a)
+        s = q.sample(rng, 100)
+        q.update(s, g - world["table"](s))
+    assert q.alphas and min(q.alphas) >= 0.2
+    # E_q[(P/q) d] = D exactly for the tuned proposal too (enumeration)
+    drop = g - world["table"](every)
+    assert np.sum(q.prob(every) * prob / q.prob(every) * drop) == pytest.approx(
+        np.sum(prob * drop), abs=1e-12)
+    assert q.summary()["alpha_now"] == q.a

@@ -102,7 +102,7 @@ def engine_for_model(model: str, weights: Path | None, data: Path | None, images
 
 
 def _reweighted(engine: Any, cfg: Any, store: Any, base_hw: str) -> dict[str, Any]:
-    from flipguard.ra import build_exposure, result_dict, reweight
+    from flipguard.ra import build_exposure, max_ratio, result_dict, reweight
 
     want = {"targets": list(cfg.targets), "format": cfg.fmt,
             "layers": None if cfg.layers is None else list(cfg.layers)}
@@ -120,7 +120,12 @@ def _reweighted(engine: Any, cfg: Any, store: Any, base_hw: str) -> dict[str, An
                           f"site that {cfg.hardware!r} can hit; estimate it directly")
     sites, q, _, acc = store.samples(src["stream"])
     golden = float(engine.golden.accuracy)
-    est = reweight(sites, q, acc, p_new, golden, cfg.confidence, src["info"]["estimator"])
+    # every proposal of the stream satisfies q >= alpha * P_base (MC: q = P_base), so
+    # P_new / q <= sup(P_new / P_base) / alpha: the term bound of a valid interval
+    share = src["info"].get("alpha") if src["info"]["estimator"] == "is" else 1.0
+    bound = max_ratio(p_new, p_base) / float(share or 1.0)
+    est = reweight(sites, q, acc, p_new, golden, cfg.confidence, src["info"]["estimator"],
+                   bound, cfg.interval)
     info = {**src["info"], "hardware": cfg.hardware, "hardware_config": p_new.info["config"]}
     return result_dict(est, cfg, p_new, info, src["stream"], 0, engine,
                        {"reweighted_from": {"hardware": base_hw, "stream": src["stream"]}})
@@ -140,7 +145,7 @@ def _save(out_dir: Path, result: dict[str, Any]) -> Path:
         except (OSError, json.JSONDecodeError, AttributeError):
             by_hw = {}
     keep = ("ra", "ci", "accuracy_drop", "golden_accuracy", "samples", "ess", "estimator",
-            "confidence", "stream", "exposure_share")
+            "interval", "confidence", "stream", "exposure_share")
     by_hw[result["hardware"]] = {k: result.get(k) for k in keep}
     doc = {"schema": SCHEMA, **result, "by_hardware": by_hw}
     atomic_write_text(path, json.dumps(json_clean(doc), indent=2) + "\n")
@@ -155,8 +160,9 @@ def _table(res: dict[str, Any]) -> Table:
     rows = [("RA", f"{res['ra']:.4f}"), (f"{res['confidence']:.0%} CI", f"[{lo:.4f}, {hi:.4f}]"),
             ("golden accuracy", f"{res['golden_accuracy']:.4f}"),
             ("accuracy drop", f"{res['accuracy_drop']:.4f}"), ("samples", str(res["samples"])),
-            ("new injections", str(res["injections"])), ("ESS", f"{res['ess']:.1f}"),
-            ("stopped", res["stopped"])]
+            ("new injections", str(res["injections"])),
+            ("MC-equivalent samples (ESS)", f"{res['ess']:.1f}"),
+            ("interval", str(res.get("interval"))), ("stopped", res["stopped"])]
     rows += [(f"P({k})", f"{v:.3f}") for k, v in res["exposure_share"].items()]
     for k, v in rows:
         t.add_row(k, v)
@@ -171,6 +177,10 @@ def ra(
     target_margin: float = typer.Option(0.01, "--target-margin",
                                         help="Stop when the CI half-width is this small."),
     confidence: float = typer.Option(0.95, "--confidence", help="CI confidence level."),
+    interval: str = typer.Option(
+        "betting-cs", "--interval", help="betting-cs (confidence sequence, valid under the "
+        "stopping rule) | eb-cs (empirical Bernstein) | clt (normal approximation: not "
+        "valid under sequential stopping, for comparison)."),
     max_samples: int = typer.Option(5000, "--max-samples", help="Sample budget."),
     min_samples: int = typer.Option(100, "--min-samples", help="Samples before stopping."),
     batch: int = typer.Option(64, "--batch", help="Samples per stopping check."),
@@ -183,7 +193,8 @@ def ra(
         "adaptive", "--proposal", help="IS proposal: adaptive (criticality-predictor start, "
         "cell masses re-fitted every batch, no pilot) | criticality | bitfield | pilot | "
         "gradient."),
-    alpha: float = typer.Option(0.2, "--alpha", help="Defensive share of P in q."),
+    alpha: float = typer.Option(0.2, "--alpha", help="Smallest defensive share of P in q "
+                                "(P/q <= 1/alpha; adaptive picks a share >= alpha)."),
     pilot: int = typer.Option(2, "--pilot", help="Pilot faults per stratum (--proposal pilot)."),
     images: int | None = typer.Option(None, "--images", help="Evaluate this many inputs."),
     reweight_from: str | None = typer.Option(
@@ -210,7 +221,8 @@ def ra(
                    pilot=pilot, target_margin=target_margin, confidence=confidence,
                    max_samples=max_samples, min_samples=min_samples, batch=batch, seed=seed,
                    targets=tl, fmt=fmt,
-                   layers=tuple(s.strip() for s in layers.split(",")) if layers else None)
+                   layers=tuple(s.strip() for s in layers.split(",")) if layers else None,
+                   interval=interval)
     cfg.validate()
     if run is not None:
         engine, fps, source = engine_for_run(run, images, fmt, data_dir)

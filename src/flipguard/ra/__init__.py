@@ -3,7 +3,8 @@ with hardware-aware fault probabilities.
 
 ``RA = sum_site P(site) * Acc(model with that fault)``, ``P`` from an exposure model
 (``uniform`` | ``memory`` | ``systolic[:FILE]``), estimated by Monte Carlo or importance
-sampling with sequential stopping; samples persist in ``RUN/ra.sqlite``. See
+sampling with sequential stopping and a confidence-sequence interval that stays valid
+under it (:mod:`flipguard.ra.confseq`); samples persist in ``RUN/ra.sqlite``. See
 docs/resiliency-accuracy.md.
 
 >>> import torch
@@ -14,18 +15,16 @@ docs/resiliency-accuracy.md.
 """
 
 from flipguard.ra.adaptive import AdaptiveMixture, AdaptiveProposal
+from flipguard.ra.confseq import INTERVALS, BettingCS, EmpiricalBernsteinCS, make_cs
 from flipguard.ra.distribution import Block, Distribution, Mixture, SiteDistribution, Sites, Term
 from flipguard.ra.estimators import (
     EngineEvaluator,
     Estimate,
-    RAConfig,
     estimate_ra,
     exhaustive,
-    resiliency_accuracy,
-    result_dict,
     reweight,
-    stream_key,
     summarise,
+    weight_bound_of,
 )
 from flipguard.ra.exposure import (
     GEMM_TYPES,
@@ -51,13 +50,18 @@ from flipguard.ra.proposal import (
     make_proposal,
     register_proposal,
 )
+from flipguard.ra.resiliency import RAConfig, resiliency_accuracy, result_dict, stream_key
 from flipguard.ra.store import STORE_FILE, CachedEvaluator, RAStore, RAStoreError
+from flipguard.ra.structures import SiteExposure
 from flipguard.ra.systolic import SystolicConfig, SystolicModel, load_systolic
+from flipguard.ra.weights import cell_ratios, max_ratio
 
 __all__ = [
     "Block", "Distribution", "Mixture", "SiteDistribution", "Sites", "Term",
     "EngineEvaluator", "Estimate", "RAConfig", "estimate_ra", "exhaustive",
     "resiliency_accuracy", "result_dict", "reweight", "stream_key", "summarise",
+    "weight_bound_of", "INTERVALS", "BettingCS", "EmpiricalBernsteinCS", "make_cs",
+    "cell_ratios", "max_ratio",
     "GEMM_TYPES", "HardwareModel", "Layer", "LayerGraph", "MemoryModel", "UniformModel",
     "analyse", "build_exposure", "parse_hardware",
     "PROPOSALS", "AdaptiveMixture", "AdaptiveProposal", "BitFieldProposal",
@@ -65,5 +69,5 @@ __all__ = [
     "ProposalContext", "SiteWeightProposal", "bit_sensitivity", "defensive", "make_proposal",
     "register_proposal",
     "STORE_FILE", "CachedEvaluator", "RAStore", "RAStoreError",
-    "SystolicConfig", "SystolicModel", "load_systolic",
+    "SiteExposure", "SystolicConfig", "SystolicModel", "load_systolic",
 ]

@@ -24,7 +24,10 @@ from flipguard.ra.proposal import (
     register_proposal,
 )
 
-__all__ = ["AdaptiveMixture", "AdaptiveProposal"]
+__all__ = ["AdaptiveMixture", "AdaptiveProposal", "SHARES"]
+
+SHARES = np.array([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0])
+"""Defensive shares the adaptive proposal may pick from (those >= its ``alpha``)."""
 
 
 class AdaptiveMixture(Distribution):
@@ -52,15 +55,17 @@ class AdaptiveMixture(Distribution):
 
     Unbiasedness: ``q_b`` depends only on earlier batches and every ``q_b >= alpha * P``, so
     each term ``(P/q_b) * d`` has conditional mean ``D`` given the past; the plain mean of all
-    terms is unbiased (a martingale) and its pooled sample variance estimates the variance of
-    that mean (all terms share the mean ``D``). ``P/q_b <= 1/alpha``.
+    terms is unbiased (a martingale), which is what the confidence sequence of
+    :func:`~flipguard.ra.estimators.estimate_ra` needs. ``P/q_b <= 1/alpha``;
+    :meth:`weight_bound` gives the exact ``sup P/q_b`` before each batch.
 
     >>> q = AdaptiveMixture(p, CriticalityProposal().heuristic(p, ctx), 0.2)  # doctest: +SKIP
     """
 
     def __init__(self, p: SiteDistribution, start: SiteDistribution, alpha: float = 0.2,
                  kappa: float = 1.0, fmt: str | NumberFormat = "fp32",
-                 keep_shape: bool = True) -> None:
+                 keep_shape: bool = True, tune_alpha: bool = True,
+                 golden: float | None = None) -> None:
         if not 0 < alpha <= 1:
             raise ConfigError(f"--alpha: expected a value in (0, 1], got {alpha}")
         if not kappa > 0:
@@ -69,7 +74,9 @@ class AdaptiveMixture(Distribution):
             raise ConfigError("adaptive: the start heuristic must have P's (target, layer) "
                               "blocks")
         self.p, self.start, self.alpha, self.kappa = p, start, float(alpha), float(kappa)
-        self.keep_shape = bool(keep_shape)
+        self.keep_shape, self.tune_alpha = bool(keep_shape), bool(tune_alpha)
+        self.golden = 1.0 if golden is None else float(golden)  # upper bound of a drop
+        self.shares = np.unique(np.r_[self.alpha, SHARES[SHARES > self.alpha]])
         self.keys = p.keys
         self.nbits = max(b.bit_weights.size for b in p.blocks)
         self.group = np.zeros(self.nbits, np.int64)
@@ -82,6 +89,7 @@ class AdaptiveMixture(Distribution):
         self.pc, self.h0c = self._cells(p), self._cells(start)
         # within-cell shape: the start's where it has mass there, else P's
         self.shaped = self.keep_shape & (self.h0c > 0)
+        self._rmin: np.ndarray | None = None  # within-cell min of start shape / P shape
         self.reset()
 
     def _cells(self, d: SiteDistribution) -> np.ndarray:
@@ -98,10 +106,30 @@ class AdaptiveMixture(Distribution):
         self.updates = 0
         self.hc = self.h0c.copy()
         self.shape_now = np.ones(shape, bool)  # current h: the start's shape in every cell
-        self.q: Mixture = defensive(self.p, self.start, self.alpha)
+        self.a = self.alpha  # defensive share of the current q_b
+        self.alphas: list[float] = []
+        self.sum_wd, self.n_all = 0.0, 0
+        self._nz: list[tuple[np.ndarray, ...]] = []  # non-zero drops: blk, bit, 1/rho, w, d
+        self.q: Mixture = defensive(self.p, self.start, self.a)
 
     def sample(self, rng: np.random.Generator, n: int) -> Sites:
         return self.q.sample(rng, n)
+
+    def weight_bound(self) -> float:
+        """``sup_s P(s) / q_b(s)`` of the current ``q_b`` (known before the batch is drawn,
+        so a valid per-batch term bound): ``1 / (alpha + (1 - alpha) min_c (H_c / P_c) r_c)``
+        with ``r_c`` the smallest within-cell ratio of ``h``'s shape to ``P``'s (1 where
+        ``h`` is filled like ``P``); at most ``1 / alpha``."""
+        live = self.pc > 0
+        if self._rmin is None:
+            from flipguard.ra.weights import cell_ratios
+
+            self._rmin = cell_ratios(self.start, self.p, self.nbits)[0]
+        ratio = np.where(self.shape_now, self._rmin, 1.0)
+        hp = np.divide(self.hc, self.pc, out=np.zeros_like(self.hc), where=live)
+        m = float(np.where(live, hp * np.where(live, ratio, 0.0), np.inf).min())
+        m = 0.0 if not np.isfinite(m) else m
+        return 1.0 / (self.a + (1 - self.a) * m)
 
     def prob(self, sites: Sites) -> np.ndarray:
         return self.q.prob(sites)
@@ -151,14 +179,21 @@ class AdaptiveMixture(Distribution):
         p_in = self._within(self.p, s, blk)
         # q_b(s | c) = (alpha P(s) + (1 - alpha) h_b(s)) / q_b(c), h_b(s) = H_c * phi_c(s)
         phi_now = np.where(self.shape_now[blk, bit], self._within(self.start, s, blk), p_in)
-        qc = self.alpha * self.pc[blk, bit] + (1 - self.alpha) * self.hc[blk, bit]
-        q_in = (self.alpha * self.pc[blk, bit] * p_in
-                + (1 - self.alpha) * self.hc[blk, bit] * phi_now) / qc
+        a = self.a
+        qc = a * self.pc[blk, bit] + (1 - a) * self.hc[blk, bit]
+        q_in = (a * self.pc[blk, bit] * p_in + (1 - a) * self.hc[blk, bit] * phi_now) / qc
         u = np.divide(p_in, q_in, out=np.zeros_like(p_in), where=q_in > 0)
         phi = np.where(self.shaped[blk, bit], self._within(self.start, s, blk), p_in)
         rho = np.divide(p_in, phi, out=np.zeros_like(p_in), where=phi > 0)
-        self.wd2 += float(np.sum(np.divide(self.pc[blk, bit] * p_in, qc * q_in,
-                                           out=np.zeros_like(p_in), where=q_in > 0) * d2))
+        w = np.divide(self.pc[blk, bit] * p_in, qc * q_in, out=np.zeros_like(p_in),
+                      where=q_in > 0)  # P / q_b
+        self.wd2 += float(np.sum(w * d2))
+        d = np.asarray(drops, float)[ok]
+        self.sum_wd += float(np.sum(w * d))
+        self.n_all += int(d.size)
+        nz = d != 0
+        inv_rho = np.divide(phi, p_in, out=np.zeros_like(p_in), where=p_in > 0)
+        self._nz.append((blk[nz], bit[nz], inv_rho[nz], w[nz], d[nz]))
         np.add.at(self.n, (blk, bit), 1.0)
         np.add.at(self.s, (blk, bit), u * rho * d2)
         self.updates += 1
@@ -168,7 +203,32 @@ class AdaptiveMixture(Distribution):
         mass = self.pc * r
         self.hc = mass / mass.sum()
         self.shape_now = self.shaped.copy()
-        self.q = defensive(self.p, self._h(), self.alpha)
+        if self.tune_alpha and len(self.shares) > 1:
+            self.a = self._choose_share()
+        self.alphas.append(self.a)
+        self.q = defensive(self.p, self._h(), self.a)
+
+    def _choose_share(self) -> float:
+        """The defensive share (of ``SHARES`` >= ``alpha``) whose confidence sequence is
+        predicted (:func:`~flipguard.ra.confseq.reach`) to be narrowest after twice the
+        samples so far, with the variance of each share estimated from every sample (the
+        non-zero drops, re-weighted to that share's proposal) and its weight bound."""
+        from flipguard.ra.confseq import reach
+
+        blk, bit, inv_rho, w, d = (np.concatenate(x) for x in zip(*self._nz, strict=True))
+        n = max(self.n_all, 1)
+        mean = self.sum_wd / n
+        r = np.divide(self.hc[blk, bit], self.pc[blk, bit], out=np.zeros(blk.size),
+                      where=self.pc[blk, bit] > 0) * inv_rho  # h_b / P at those sites
+        a_now, best = self.a, (np.inf, self.a)
+        for a in self.shares:
+            self.a = float(a)
+            bound = self.weight_bound()
+            var = max(float(np.sum(w * d * d / (a + (1 - a) * r))) / n - mean * mean, 1e-12)
+            width = reach(2 * n, var, mean, bound * (self.golden - 1), bound * self.golden)
+            best = min(best, (width, float(a)))
+        self.a = a_now
+        return best[1]
 
     def _h(self) -> SiteDistribution:
         blocks = []
@@ -197,7 +257,9 @@ class AdaptiveMixture(Distribution):
             cells.append({"cell": f"{':'.join(self.p.blocks[i].key)}:bit{int(bit)}",
                           "p": float(self.pc[i, bit]), "h": float(self.hc[i, bit]),
                           "samples": int(self.n[i, bit])})
-        return {"updates": self.updates, "samples": int(self.n.sum()), "top_cells": cells}
+        return {"updates": self.updates, "samples": int(self.n.sum()), "top_cells": cells,
+                "alpha": self.alpha, "alpha_now": self.a,
+                "alpha_mean": float(np.mean(self.alphas)) if self.alphas else self.a}
 
 
 class AdaptiveProposal(Proposal):
@@ -209,17 +271,18 @@ class AdaptiveProposal(Proposal):
     name = "adaptive"
 
     def __init__(self, kappa: float = 1.0, start: str | Proposal = "criticality",
-                 keep_shape: bool = True) -> None:
+                 keep_shape: bool = True, tune_alpha: bool = True) -> None:
         if isinstance(start, str) and start not in ("criticality", "bitfield"):
             raise ConfigError(f"adaptive: start must be 'criticality' or 'bitfield', got "
                               f"{start!r}")
         self.kappa, self.keep_shape = float(kappa), bool(keep_shape)
+        self.tune_alpha = bool(tune_alpha)
         self.start = (CriticalityProposal() if start == "criticality" else BitFieldProposal()
                       if start == "bitfield" else start)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "kappa": self.kappa, "start": self.start.config(),
-                "keep_shape": self.keep_shape}
+                "keep_shape": self.keep_shape, "tune_alpha": self.tune_alpha}
 
     def heuristic(self, p: SiteDistribution, ctx: ProposalContext) -> SiteDistribution:
         """The starting heuristic."""
@@ -229,7 +292,7 @@ class AdaptiveProposal(Proposal):
                 ) -> AdaptiveMixture:
         """The adaptive proposal ``q`` (pass it as ``q`` to ``estimate_ra``)."""
         return AdaptiveMixture(p, self.heuristic(p, ctx), alpha, self.kappa, ctx.fmt,
-                               self.keep_shape)
+                               self.keep_shape, self.tune_alpha, ctx.golden_accuracy)
 
 
 register_proposal("adaptive", AdaptiveProposal)

@@ -1,21 +1,28 @@
 """Estimators of the Resiliency Accuracy ``RA = sum_s P(s) * Acc(s)``.
 
-Both estimators work on the accuracy *drop* ``d(s) = golden - Acc(s)``, which is zero for
-masked faults, so that variance reduction acts on the rare critical part:
-``RA = golden - E_P[d]``. Plain Monte Carlo draws sites from ``P`` (weights 1); importance
-sampling draws from a proposal ``q`` (normally the defensive mixture ``alpha * P +
-(1 - alpha) * h``, so weights ``P/q <= 1/alpha``) and uses the unbiased (not self-normalised)
-estimator ``mean(w * d)`` with ``w = P(s)/q(s)``. The interval is the CLT interval of the
-weighted terms; ESS = (sum w)^2 / sum w^2. Sampling runs in batches and stops when the
-half-width reaches ``target_margin`` (after ``min_samples``) or at ``max_samples``. Batch
-``b`` is drawn from ``default_rng([seed, b])``, so a resumed run redraws the same sites.
-An adaptive proposal (``AdaptiveMixture``) is re-fitted after every batch from the batches
-before it; each batch is weighted by the proposal that drew it, which keeps ``mean(w * d)``
-unbiased (a martingale).
+Both estimators work on the accuracy *drop* ``d(s) = golden - Acc(s)`` (zero for masked
+faults; negative when a fault happens to improve the accuracy), so that variance reduction
+acts on the rare critical part: ``RA = golden - E_P[d]``. Plain Monte Carlo draws sites from
+``P`` (weights 1); importance sampling draws from a proposal ``q`` (normally the defensive
+mixture ``alpha * P + (1 - alpha) * h``, so weights ``P/q <= 1/alpha``) and uses the unbiased
+(not self-normalised) estimator ``mean(w * d)`` with ``w = P(s)/q(s)``.
+
+The interval is a confidence *sequence* (:mod:`flipguard.ra.confseq`, default
+``betting-cs``): valid at every sample count at once, hence under the sequential stopping
+rule and at any fixed ``n``. It needs only that every term ``w * d`` lies in
+``[B (golden - 1), B golden]`` with a weight bound ``B`` known before the batch is drawn (1
+for MC, ``weight_bound`` or the proposal's own bound for IS). Sampling runs in batches and
+stops when the half-width reaches ``target_margin`` (after ``min_samples``) or at
+``max_samples``. Batch ``b`` is drawn from ``default_rng([seed, b])``, so a resumed run
+redraws the same sites. An adaptive proposal (``AdaptiveMixture``) is re-fitted after every
+batch from the batches before it; each batch is weighted by the proposal that drew it, so
+every term has conditional mean ``E_P[d]`` given the past (a martingale), which is all the
+confidence sequence needs. ``ess`` is the MC-equivalent sample size ``n * V_MC / V_IS`` (the
+number of plain MC samples with the same variance; ``n`` for MC).
 
 >>> est = summarise(np.array([0.0, 0.5, 0.0, 0.0]), np.ones(4), golden=0.9)
->>> round(est.ra, 3), est.samples
-(0.775, 4)
+>>> round(est.ra, 3), est.samples, est.interval
+(0.775, 4, 'betting-cs')
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ import numpy as np
 from scipy.stats import norm
 
 from flipguard.errors import ConfigError
-from flipguard.ra.distribution import Distribution, SiteDistribution, Sites
+from flipguard.ra.confseq import INTERVALS, make_cs
+from flipguard.ra.distribution import Distribution, Mixture, SiteDistribution, Sites
 
-__all__ = ["Estimate", "summarise", "estimate_ra", "reweight", "exhaustive", "Evaluate"]
+__all__ = ["Estimate", "summarise", "estimate_ra", "reweight", "exhaustive", "Evaluate",
+           "EngineEvaluator", "weight_bound_of"]
 
 Evaluate = Callable[[Sites], np.ndarray]
 """Accuracy of the model with each site's fault (one value per site)."""
@@ -39,7 +48,8 @@ Evaluate = Callable[[Sites], np.ndarray]
 
 @dataclass
 class Estimate:
-    """An RA estimate with its interval (``ci`` for RA, ``drop_ci`` for the drop)."""
+    """An RA estimate with its interval (``ci`` for RA, ``drop_ci`` for the drop);
+    ``interval`` names the method (``betting-cs`` | ``eb-cs`` | ``clt``)."""
 
     ra: float
     ci: tuple[float, float]
@@ -53,6 +63,7 @@ class Estimate:
     estimator: str = "mc"
     stopped: str = ""
     max_weight: float = 1.0
+    interval: str = "betting-cs"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -60,31 +71,91 @@ class Estimate:
         return d
 
 
-def summarise(drops: np.ndarray, weights: np.ndarray, golden: float, confidence: float = 0.95,
-              bound: float = 1.0, estimator: str = "mc", stopped: str = "") -> Estimate:
-    """Estimate from per-sample drops ``d`` and weights ``w`` (``mean(w * d)``, CLT interval).
+class _Running:
+    """Terms of an estimation so far: sums for the point estimate and ESS, and the
+    confidence sequence (or, for ``clt``, the terms themselves)."""
 
-    ``bound`` bounds ``|w * d|``; when every term is equal (no critical fault seen yet) the
-    half-width is at least ``-ln(1 - confidence) * bound / n`` instead of 0.
-    """
-    if not 0 < confidence < 1:
-        raise ConfigError(f"--confidence: expected a value in (0, 1), got {confidence}")
-    d, w = np.asarray(drops, float), np.asarray(weights, float)
-    n = int(d.size)
-    if n == 0:
-        return Estimate(math.nan, (0.0, 1.0), math.nan, (math.nan, math.nan), golden, 0, 0.0,
-                        math.inf, confidence, estimator, stopped)
-    t = w * d
-    mean = float(t.mean())
+    def __init__(self, golden: float, confidence: float, interval: str, margin: float,
+                 horizon: int | None, bound_max: float) -> None:
+        if interval not in INTERVALS:
+            raise ConfigError(f"--interval: expected one of {', '.join(INTERVALS)}, got "
+                              f"{interval!r}")
+        if not 0 < confidence < 1:
+            raise ConfigError(f"--confidence: expected a value in (0, 1), got {confidence}")
+        self.golden, self.confidence, self.interval = float(golden), confidence, interval
+        self.cs = None if interval == "clt" else make_cs(
+            interval, confidence, golden - 1.0, golden, margin=margin, horizon=horizon,
+            term_lo=bound_max * (golden - 1.0), term_hi=bound_max * golden, prior_mean=0.0)
+        self.clt_bound = bound_max
+        self.n, self.st, self.st2, self.swd2, self.wmax = 0, 0.0, 0.0, 0.0, 0.0
+        self.terms: list[np.ndarray] = []
+
+    def add(self, d: np.ndarray, w: np.ndarray, bound: np.ndarray | float) -> None:
+        t = w * d
+        self.n += int(t.size)
+        self.st += float(t.sum())
+        self.st2 += float((t * t).sum())
+        self.swd2 += float((w * d * d).sum())
+        self.wmax = max(self.wmax, float(w.max(initial=0.0)))
+        if self.cs is None:
+            self.terms.append(t)
+            return
+        b = np.asarray(bound, dtype=np.float64)
+        if (w > b * (1 + 1e-9)).any():
+            raise ConfigError(f"weight_bound: a sampled weight P/q = {float(w.max()):.6g} "
+                              f"exceeds the stated bound {float(b.max()):.6g}")
+        self.cs.update(t, b * (self.golden - 1.0), b * self.golden)
+
+    def estimate(self, estimator: str, stopped: str = "") -> Estimate:
+        n, g = self.n, self.golden
+        if n == 0:
+            return Estimate(math.nan, (0.0, 1.0), math.nan, (g - 1.0, g), g, 0, 0.0,
+                            math.inf, self.confidence, estimator, stopped, 1.0, self.interval)
+        mean = self.st / n
+        v_is = max(self.st2 / n - mean * mean, 0.0)
+        v_mc = max(self.swd2 / n - mean * mean, 0.0)
+        ess = float(n) if v_is <= 1e-15 * max(self.st2 / n, 1e-300) else n * v_mc / v_is
+        if estimator == "mc":
+            ess = float(n)
+        if self.cs is None:
+            lo, hi = _clt(np.concatenate(self.terms), self.confidence, self.clt_bound)
+        else:
+            lo, hi = self.cs.interval()
+        ci = (max(0.0, g - hi), min(1.0, g - lo))
+        return Estimate(g - mean, ci, mean, (lo, hi), g, n, ess, 0.5 * (hi - lo),
+                        self.confidence, estimator, stopped, self.wmax, self.interval)
+
+
+def _clt(t: np.ndarray, confidence: float, bound: float) -> tuple[float, float]:
+    """The normal interval ``mean +- z sd / sqrt(n)`` (``-ln(1 - confidence) * bound / n``
+    while every term is equal). Not valid under sequential stopping (comparison only)."""
+    n, mean = t.size, float(t.mean())
     sd = float(t.std(ddof=1)) if n > 1 else math.inf
     hw = float(norm.ppf(0.5 + confidence / 2)) * sd / math.sqrt(n)
     if sd == 0.0:
         hw = -math.log(1 - confidence) * bound / n
-    ess = float(w.sum() ** 2 / (w ** 2).sum()) if (w ** 2).sum() > 0 else 0.0
-    lo, hi = mean - hw, mean + hw
-    ci = (max(0.0, golden - hi), min(1.0, golden - lo))
-    return Estimate(golden - mean, ci, mean, (lo, hi), golden, n, ess, hw, confidence,
-                    estimator, stopped, float(w.max()))
+    return mean - hw, mean + hw
+
+
+def summarise(drops: np.ndarray, weights: np.ndarray, golden: float, confidence: float = 0.95,
+              bound: float | np.ndarray = 1.0, estimator: str = "mc", stopped: str = "",
+              interval: str = "betting-cs", margin: float = 0.0,
+              horizon: int | None = None) -> Estimate:
+    """Estimate from per-sample drops ``d`` and weights ``w``, in draw order: ``mean(w * d)``
+    and the interval ``interval`` at level ``confidence``.
+
+    ``bound`` bounds the weights (a scalar, or one value per sample known before it was
+    drawn): every term lies in ``[bound (golden - 1), bound golden]``. ``margin`` and
+    ``horizon`` only tune the bets of the confidence sequence (None: time-uniform tuning).
+    For ``clt``, ``bound`` bounds ``|w * d|`` for the zero-variance guard.
+    """
+    d, w = np.asarray(drops, float), np.asarray(weights, float)
+    b = np.asarray(bound, dtype=np.float64)
+    run = _Running(golden, confidence, interval, margin, horizon,
+                   float(b.max()) if b.size else 1.0)
+    if d.size:
+        run.add(d, w, b)
+    return run.estimate(estimator, stopped)
 
 
 def _check(target_margin: float, max_samples: int, min_samples: int, batch: int) -> None:
@@ -97,20 +168,44 @@ def _check(target_margin: float, max_samples: int, min_samples: int, batch: int)
         raise ConfigError(f"--min-samples: expected an integer >= 2, got {min_samples!r}")
 
 
+def weight_bound_of(p: Distribution, q: Distribution) -> float | None:
+    """A bound on ``P/q`` that holds for every batch, if ``q`` states one: an adaptive
+    proposal's ``1/alpha``, or ``1/weight`` of the part of a :class:`Mixture` that is ``p``
+    (the defensive mixture); None otherwise.
+
+    >>> from flipguard.ra.proposal import defensive
+    >>> weight_bound_of(p, defensive(p, h, 0.25))  # doctest: +SKIP
+    4.0
+    """
+    alpha = getattr(q, "alpha", None)
+    if callable(getattr(q, "weight_bound", None)) and alpha:
+        return 1.0 / float(alpha)
+    if isinstance(q, Mixture):
+        share = sum(float(wt) for part, wt in zip(q.parts, q.weights, strict=True)
+                    if part is p)
+        if share > 0:
+            return 1.0 / share
+    return None
+
+
 def estimate_ra(p: Distribution, evaluate: Evaluate, golden_accuracy: float, *,
                 q: Distribution | None = None, target_margin: float = 0.01,
                 confidence: float = 0.95, max_samples: int = 10_000, min_samples: int = 100,
                 batch: int = 100, seed: int = 0, weight_bound: float | None = None,
                 record: Callable[[int, Sites, np.ndarray, np.ndarray, np.ndarray], None]
                 | None = None,
-                progress: Callable[[Estimate], None] | None = None) -> Estimate:
+                progress: Callable[[Estimate], None] | None = None,
+                interval: str = "betting-cs") -> Estimate:
     """Sequential MC (``q`` None) or importance-sampling estimate of RA under ``p``.
 
     ``record(first_seq, sites, q, p, acc)`` is called once per batch (e.g. a store);
-    ``weight_bound`` bounds ``P/q`` (``1/alpha`` for a defensive mixture). An adaptive ``q``
-    (with ``reset()`` and ``update(sites, drops)``, e.g.
-    :class:`~flipguard.ra.adaptive.AdaptiveMixture`) is reset first and updated after every
-    batch; each batch is drawn from (and weighted by) the proposal fitted on earlier batches.
+    ``weight_bound`` bounds ``P/q`` (``1/alpha`` for a defensive mixture; found by
+    :func:`weight_bound_of` when None; a proposal with a ``weight_bound()`` method, e.g.
+    :class:`~flipguard.ra.adaptive.AdaptiveMixture`, may state a tighter bound before each
+    batch). An adaptive ``q`` (with ``reset()`` and ``update(sites, drops)``) is reset first
+    and updated after every batch; each batch is drawn from (and weighted by) the proposal
+    fitted on earlier batches. ``interval``: ``betting-cs`` (default), ``eb-cs`` or ``clt``
+    (normal approximation, *not* valid under the stopping rule; for comparison).
 
     >>> est = estimate_ra(p, evaluate, 0.95, target_margin=0.005)  # doctest: +SKIP
     """
@@ -120,12 +215,20 @@ def estimate_ra(p: Distribution, evaluate: Evaluate, golden_accuracy: float, *,
     adaptive = callable(getattr(q, "update", None))
     if adaptive:
         q.reset()  # type: ignore[union-attr]
-    bound = 1.0 if mc else float(weight_bound if weight_bound is not None else np.inf)
-    drops: list[np.ndarray] = []
-    weights: list[np.ndarray] = []
+    bound = 1.0 if mc else weight_bound if weight_bound is not None else \
+        weight_bound_of(p, prop)
+    if bound is None and interval != "clt":
+        raise ConfigError("weight_bound: a bound on P/q is needed for a valid interval with "
+                          "this proposal (1/alpha for a defensive mixture)")
+    per_batch = getattr(q, "weight_bound", None) if not mc else None
+    run = _Running(golden_accuracy, confidence, interval, target_margin, max_samples,
+                   float(bound) if bound is not None else 1.0)
     n, b, est = 0, 0, None
     while n < max_samples:
         k = min(batch, max_samples - n)
+        b_now = float(bound) if bound is not None else math.inf
+        if callable(per_batch):
+            b_now = min(b_now, float(per_batch()))
         rng = np.random.default_rng([int(seed), b])
         sites = prop.sample(rng, batch)
         if k < batch:
@@ -139,15 +242,14 @@ def estimate_ra(p: Distribution, evaluate: Evaluate, golden_accuracy: float, *,
             raise ConfigError("evaluate: expected one finite accuracy per site")
         if record is not None:
             record(n, sites, qq, pp, acc)
-        drops.append(golden_accuracy - acc)
-        weights.append(pp / qq)
+        drops, w = golden_accuracy - acc, pp / qq
+        if bound is None:  # clt without a stated bound: the old observed-maximum guard
+            run.clt_bound = max(run.clt_bound if n else 0.0, float(w.max()))
+        run.add(drops, w, b_now)
         if adaptive:
-            q.update(sites, drops[-1])  # type: ignore[union-attr]
+            q.update(sites, drops)  # type: ignore[union-attr]
         n, b = n + k, b + 1
-        w_all = np.concatenate(weights)
-        est = summarise(np.concatenate(drops), w_all, golden_accuracy, confidence,
-                        bound if np.isfinite(bound) else float(w_all.max()),
-                        "mc" if mc else "is")
+        est = run.estimate("mc" if mc else "is")
         if progress is not None:
             progress(est)
         if n >= min_samples and est.half_width <= target_margin:
@@ -160,21 +262,29 @@ def estimate_ra(p: Distribution, evaluate: Evaluate, golden_accuracy: float, *,
 
 def reweight(sites: Sites, q: np.ndarray, acc: np.ndarray, p_new: Distribution,
              golden_accuracy: float, confidence: float = 0.95, estimator: str = "is",
-             bound: float | None = None) -> Estimate:
-    """Estimate RA under ``p_new`` from samples drawn from a proposal with probabilities
-    ``q`` (their accuracies ``acc``), with weights ``p_new(s) / q(s)``: no new injection.
-    Valid (unbiased) when the proposal covers every site ``p_new`` can produce.
+             bound: float | None = None, interval: str = "betting-cs") -> Estimate:
+    """Estimate RA under ``p_new`` from samples drawn (in this order) from a proposal with
+    probabilities ``q`` (their accuracies ``acc``), with weights ``p_new(s) / q(s)``: no new
+    injection. Valid when the proposal covers every site ``p_new`` can produce; ``bound``
+    must bound ``p_new / q`` over every site the proposal could have drawn (e.g.
+    ``max_ratio(p_new, p_old) / alpha`` for a defensive mixture over ``p_old``,
+    :func:`flipguard.ra.weights.max_ratio`). The bets are tuned time-uniformly (the sample
+    count was chosen by another stopping rule).
 
-    >>> est = reweight(sites, q, acc, build_exposure(net, x, "systolic"), 0.9)  # doctest: +SKIP
+    >>> p_new = build_exposure(net, x, "systolic")  # doctest: +SKIP
+    >>> est = reweight(sites, q, acc, p_new, 0.9, bound=5.0)  # doctest: +SKIP
     """
     q = np.asarray(q, float)
     if (q <= 0).any():
         raise ConfigError("reweight: stored proposal probabilities must be positive")
     w = p_new.prob(sites) / q
+    if bound is None:
+        if interval != "clt":
+            raise ConfigError("reweight: a bound on p_new/q is needed for a valid interval")
+        bound = float(w.max(initial=1.0))
     d = golden_accuracy - np.asarray(acc, float)
-    return summarise(d, w, golden_accuracy, confidence,
-                     float(bound) if bound is not None else float(w.max(initial=1.0)),
-                     estimator, "reweighted")
+    return summarise(d, w, golden_accuracy, confidence, float(bound), estimator, "reweighted",
+                     interval)
 
 
 def exhaustive(p: SiteDistribution, evaluate: Evaluate, golden_accuracy: float,
@@ -203,130 +313,3 @@ class EngineEvaluator:
         outs = self.engine.run(sites.faults())
         return np.array([self.golden_accuracy if o.accuracy is None else float(o.accuracy)
                          for o in outs], dtype=float)
-
-
-@dataclass
-class RAConfig:
-    """Settings of one RA estimation (see ``flipguard ra --help``)."""
-
-    hardware: str = "uniform"
-    estimator: str = "mc"
-    proposal: str = "adaptive"
-    alpha: float = 0.2
-    pilot: int = 2
-    target_margin: float = 0.01
-    confidence: float = 0.95
-    max_samples: int = 5000
-    min_samples: int = 100
-    batch: int = 64
-    seed: int = 0
-    targets: tuple[str, ...] = ("weight", "activation")
-    fmt: str = "fp32"
-    layers: tuple[str, ...] | None = None
-
-    def validate(self) -> None:
-        """Raise a one-line ConfigError for a bad setting (before any work is done)."""
-        from flipguard.ra.exposure import RA_TARGETS, parse_hardware
-        from flipguard.ra.proposal import PROPOSALS
-
-        if self.estimator not in ("mc", "is"):
-            raise ConfigError(f"--estimator: expected 'mc' or 'is', got {self.estimator!r}")
-        bad = [t for t in self.targets if t not in RA_TARGETS]
-        if bad or not self.targets:
-            raise ConfigError(f"--targets: expected items of {', '.join(RA_TARGETS)}, got "
-                              f"{bad[0] if bad else 'nothing'!r}")
-        if self.estimator == "is" and self.proposal not in PROPOSALS:
-            raise ConfigError(f"--proposal: expected one of {', '.join(PROPOSALS)}, got "
-                              f"{self.proposal!r}")
-        if not 0 < self.alpha <= 1:
-            raise ConfigError(f"--alpha: expected a value in (0, 1], got {self.alpha}")
-        if not 0 < self.confidence < 1:
-            raise ConfigError(f"--confidence: expected a value in (0, 1), got {self.confidence}")
-        _check(self.target_margin, self.max_samples, self.min_samples, self.batch)
-        parse_hardware(self.hardware)
-
-    def stream_info(self, hardware_config: dict[str, Any], proposal: dict[str, Any] | None
-                    ) -> dict[str, Any]:
-        """What identifies a resumable sample stream (not the stopping rule)."""
-        return {"hardware": self.hardware, "hardware_config": hardware_config,
-                "estimator": self.estimator, "proposal": proposal,
-                "alpha": self.alpha if self.estimator == "is" else None, "seed": self.seed,
-                "batch": self.batch, "targets": list(self.targets), "format": self.fmt,
-                "layers": None if self.layers is None else list(self.layers)}
-
-
-def stream_key(info: dict[str, Any]) -> str:
-    """Stable short key of a stream's settings."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resiliency_accuracy(engine: Any, cfg: RAConfig, store: Any | None = None,
-                        progress: Callable[[Estimate], None] | None = None) -> dict[str, Any]:
-    """Estimate RA of the engine's model/data/task under ``cfg`` (samples go to ``store``,
-    an :class:`~flipguard.ra.store.RAStore`, so a later call resumes). Returns the result
-    dict documented in docs/resiliency-accuracy.md.
-
-    >>> cfg = RAConfig(hardware="systolic", estimator="is")
-    >>> res = resiliency_accuracy(engine, cfg, RAStore(run / "ra.sqlite"))  # doctest: +SKIP
-    """
-    from flipguard.ra.exposure import build_exposure, parse_hardware
-    from flipguard.ra.proposal import ProposalContext, defensive, make_proposal
-    from flipguard.ra.store import CachedEvaluator
-
-    cfg.validate()
-    hw = parse_hardware(cfg.hardware)
-    p = build_exposure(engine.model, engine.inputs[:1], hw, cfg.targets, cfg.fmt, cfg.layers)
-    base = EngineEvaluator(engine)
-    evaluate = CachedEvaluator(base, store) if store is not None else base
-    golden = base.golden_accuracy
-    q, prop_cfg, ctx_info = None, None, {}
-    if cfg.estimator == "is":
-        kwargs = {"n": cfg.pilot} if cfg.proposal == "pilot" else {}
-        prop = make_proposal(cfg.proposal, **kwargs)
-        ctx = ProposalContext(engine.model, engine.inputs, engine.task.labels,
-                              engine.task.kind, evaluate, golden, cfg.fmt, cfg.seed)
-        mixture = getattr(prop, "mixture", None)
-        q = (mixture(p, ctx, cfg.alpha) if callable(mixture)
-             else defensive(p, prop.heuristic(p, ctx), cfg.alpha))
-        prop_cfg, ctx_info = prop.config(), ctx.info
-    info = cfg.stream_info(hw.config(), prop_cfg)
-    key = stream_key(info)
-    record = None
-    if store is not None:
-        store.open_stream(key, info)
-        record = store.recorder(key)
-    est = estimate_ra(p, evaluate, golden, q=q, target_margin=cfg.target_margin,
-                      confidence=cfg.confidence, max_samples=cfg.max_samples,
-                      min_samples=cfg.min_samples, batch=cfg.batch, seed=cfg.seed,
-                      weight_bound=None if q is None else 1.0 / cfg.alpha, record=record,
-                      progress=progress)
-    summary = getattr(q, "summary", None)
-    if callable(summary):
-        ctx_info = {**ctx_info, "adaptive": summary()}
-    return result_dict(est, cfg, p, info, key, getattr(evaluate, "injected", None),
-                       engine, ctx_info)
-
-
-def result_dict(est: Estimate, cfg: RAConfig, p: SiteDistribution, info: dict[str, Any],
-                key: str, injected: int | None, engine: Any,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The documented JSON result of an estimate."""
-    d = est.to_dict()
-    out = {"ra": d["ra"], "ci": d["ci"], "confidence": cfg.confidence,
-           "half_width": d["half_width"], "target_margin": cfg.target_margin,
-           "accuracy_drop": d["accuracy_drop"], "accuracy_drop_ci": d["drop_ci"],
-           "golden_accuracy": d["golden_accuracy"], "samples": d["samples"],
-           "injections": injected, "ess": d["ess"], "max_weight": d["max_weight"],
-           "estimator": d["estimator"], "stopped": d["stopped"],
-           "proposal": info.get("proposal"), "alpha": info.get("alpha"),
-           "hardware": cfg.hardware, "hardware_config": info.get("hardware_config"),
-           "cycles": p.info.get("cycles"), "exposure_share": p.shares(),
-           "exposure_by_layer": p.layer_shares(), "targets": list(cfg.targets),
-           "format": cfg.fmt, "seed": cfg.seed, "stream": key,
-           "task": getattr(engine.task, "kind", None), "n_images": int(engine.n)}
-    if extra:
-        out.update(extra)
-    return out
