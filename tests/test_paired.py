@@ -90,7 +90,11 @@ def test_same_faults_and_full_ecc_removes_single_bit_faults(tmp_path) -> None:
     res = paired_reinjection(store, net, prots, CRIT, rec)
     assert res.fault_ids == [pf.fault_id for pf in store.planned()]
     assert res.before.sum() > 0 and res.after.sum() == 0 and res.simulated == 0
-    assert res.relative_improvement == 1.0 and res.ci == (1.0, 1.0)
+    # every pair fixed: the weighted interval reaches 1 but, from a sample, cannot exclude
+    # critical faults left in the unsampled words (the bootstrap said [1, 1])
+    assert res.relative_improvement == 1.0 and res.ci[1] == 1.0 and 0.0 < res.ci[0] < 1.0
+    assert res.comparison["p_sign_flip"] == pytest.approx(2 * 0.5 ** int(res.before.sum()))
+    assert res.comparison["p_value"] < 0.05 and res.comparison["broken"] == 0
     assert res.statuses == {"corrected": len(res.fault_ids)}
     assert res.cfr_after["cfr"] == 0.0 and res.cfr_before["cfr"] > 0
     k = int(res.before.sum())  # all discordant pairs fixed: exact two-sided McNemar p
@@ -273,7 +277,8 @@ def test_cli_harden_end_to_end(tmp_path) -> None:
     run, ids = tiny_run(tmp_path)
     res = CliRunner().invoke(app, ["harden", str(run), "--budget", "0.02", "--schemes",
                                    "tmr,parity,ecc,range,act", "--criterion", "any-flip",
-                                   "--boot", "200", "--json"], catch_exceptions=False)
+                                   "--boot", "200", "--hardware", "systolic", "--json"],
+                             catch_exceptions=False)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out == json.loads((run / "hardening.json").read_text())
@@ -288,6 +293,18 @@ def test_cli_harden_end_to_end(tmp_path) -> None:
              for p in out["protections"]]
     assert {p.scheme for p in prots} <= {"tmr", "parity", "ecc", "range"} and prots
     assert out["cfr_after"]["cfr"] <= out["cfr_before"]["cfr"]
+    assert out["schema"] == "flipguard.hardening/2" and out["p_value"] is not None
+    assert out["ci"][0] <= out["relative_improvement"] <= out["ci"][1] <= 1.0
+    # what each protection covers: one row per scheme in use, memory bits add up
+    cov = {c["scheme"]: c for c in out["coverage"]}
+    assert set(cov) == {p.scheme for p in prots} | {"act"}
+    assert sum(c["memory_bits"] for c in cov.values()) == out["cost_bits"]
+    assert all(c["locations"] == ["storage"] for k, c in cov.items() if k != "act")
+    # over the systolic exposure: PE-register faults stay, so no more than all-in-storage
+    ex = out["exposure"]
+    assert ex["hardware"] == "systolic" and 0 < ex["covered_share"] < 1
+    assert ex["relative_improvement"] <= ex["relative_improvement_if_all_storage"] + 1e-12
+    assert ex["locations"]["weight"]["registers"] > 0
     # the deployable hardened model reloads as a run and computes what harden_model does
     base, hard = load_run(run), load_run(run / "hardened")
     clamps = out["activation_clamps"]["layers"]

@@ -31,6 +31,38 @@ def _table(res: dict[str, Any]) -> Table:
     return table
 
 
+def _p(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _coverage_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="What each protection covers (fault locations) and costs")
+    for col in ("scheme", "covers", "not covered", "effect", "memory bits", "words",
+                "read-path cost per load"):
+        table.add_column(col, justify="right" if col in ("memory bits", "words") else "left")
+    for c in rows:
+        words = c.get("protected_words")
+        table.add_row(c["scheme"], ", ".join(c["locations"]), ", ".join(c["not_covered"]),
+                      c["effect"], f"{c['memory_bits']:,}",
+                      "-" if words is None else f"{words:,}", c["per_load"])
+    return table
+
+
+def _print_exposure(e: dict[str, Any]) -> None:
+    locs = "; ".join(f"{t}: " + ", ".join(f"{k} {_pct(v)}" for k, v in d.items())
+                     for t, d in e["locations"].items())
+    w = e["whole_exposure"]
+    rng = w["relative_improvement_range"]
+    console.print(f"exposure {e['hardware']}: {locs}; covered by the protections in use "
+                  f"{_pct(e['covered_share'])}")
+    console.print(f"over the measured exposure ({_pct(e['measured_share'])}): CFR "
+                  f"{_pct(e['cfr_before'])} -> {_pct(e['cfr_after'])}, improvement "
+                  f"[bold]{_pct(e['relative_improvement'])}[/] (if every fault were in "
+                  f"storage: {_pct(e['relative_improvement_if_all_storage'])}); whole "
+                  f"exposure {_pct(w['relative_improvement_if_same_cfr'])} if the unmeasured "
+                  f"share has the same CFR, range [{_pct(rng[0])}, {_pct(rng[1])}]")
+
+
 def harden(
     run: Path = typer.Argument(..., help="Run directory with a finished campaign."),
     budget: float = typer.Option(0.03, "--budget", help="Extra memory allowed, as a fraction "
@@ -45,16 +77,27 @@ def harden(
     method: str = typer.Option("greedy", "--method", help="greedy | exact (small models)."),
     curve: bool = typer.Option(True, "--curve/--no-curve",
                                help="Expected improvement over budgets 0-10 %."),
-    boot: int = typer.Option(2000, "--boot", min=100, help="Bootstrap resamples."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    boot: int = typer.Option(20_000, "--draws", "--boot", min=100,
+                             help="Monte Carlo draws of the sign-flip test (used when its "
+                                  "null distribution is too large to enumerate)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sign-flip Monte Carlo draws."),
+    hardware: str | None = typer.Option(
+        None, "--hardware", help="Exposure model (systolic | systolic:FILE.toml | memory): "
+        "also report the improvement over that hardware's whole exposure (faults in PE "
+        "registers and partial sums are not removed by memory protections)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Choose protections within a memory budget and prove them on the same faults."""
+    """Choose protections within a memory budget, prove them on the same faults, say what
+    they cover.
+
+    Each protection's fault locations (storage / datapath / registers) and read-path cost
+    are listed; with --hardware the improvement over that hardware's whole exposure."""
     from flipguard.harden.paired import RESULT_FILE, harden_run
 
     with console.status("planning and re-injecting the campaign's faults"):
         res = harden_run(run, budget=budget, schemes=schemes, criterion=criterion,
-                         policy=policy, method=method, curve=curve, n_boot=boot, seed=seed)
+                         policy=policy, method=method, curve=curve, n_boot=boot, seed=seed,
+                         hardware=hardware)
     if json_out:
         print_json(res)
         return
@@ -64,9 +107,18 @@ def harden(
     console.print(f"CFR before {_pct(b['cfr'])} [{_pct(b['ci'][0])}, {_pct(b['ci'][1])}]  "
                   f"after {_pct(a['cfr'])} [{_pct(a['ci'][0])}, {_pct(a['ci'][1])}]  "
                   f"({res['n_faults']:,} identical faults, {res['simulated']:,} re-simulated)")
+    level = 100 * float(res.get("ci_level") or 0.95)
     console.print(f"relative improvement [bold]{_pct(res['relative_improvement'])}[/] "
-                  f"(95 % paired bootstrap [{_pct(ci[0])}, {_pct(ci[1])}], McNemar p = "
-                  f"{res['mcnemar_p']:.3g}); overhead [bold]{_pct(res['overhead'])}[/]")
+                  f"({level:g} % MOVER-R interval [{_pct(ci[0])}, {_pct(ci[1])}], weighted "
+                  f"test of no change p = {_p(res['p_value'])}, exact stratified sign-flip "
+                  f"p = {_p(res['p_sign_flip'])}); overhead [bold]{_pct(res['overhead'])}[/]")
+    console.print(f"strata with no critical fault before: {_pct(res['zero_critical_share'])} "
+                  f"of the population (bounded, not assumed 0); never sampled: "
+                  f"{_pct(res['unsampled_share'])}")
+    if res.get("coverage"):
+        console.print(_coverage_table(res["coverage"]))
+    if res.get("exposure"):
+        _print_exposure(res["exposure"])
     ff = res["fault_free"]
     console.print("fault-free metrics: " + ("[bold yellow]changed[/] " + str(ff)
                                             if ff["changed"] else "unchanged"))

@@ -4,7 +4,11 @@
 * :mod:`~flipguard.harden.mechanisms` — TMR, parity, ECC, range restriction and invariant
   forcing modelled exactly in the fault path (``ReadPath.deliver``) with costs in bits;
 * :mod:`~flipguard.harden.planner` — which protections, greedy or exact, under a budget;
+* :mod:`~flipguard.harden.coverage` — fault locations each scheme covers, read-path cost;
 * :mod:`~flipguard.harden.paired` — the same faults re-run with the protections active;
+* :mod:`~flipguard.harden.pairstats` — weighted paired test and interval of the improvement;
+* :mod:`~flipguard.harden.exposure` — the improvement over a hardware exposure model;
+* :mod:`~flipguard.harden.session` — ``flipguard harden``: plan, prove, write the result;
 * :mod:`~flipguard.harden.module` — deployable model with Ranger-style activation clamps.
 
 >>> import torch
@@ -16,7 +20,9 @@ True
 See docs/hardening.md.
 """
 
+from flipguard.harden.coverage import COVERAGE, LOCATIONS, Coverage
 from flipguard.harden.ecc import SecDed
+from flipguard.harden.exposure import exposure_cfr, split_exposure
 from flipguard.harden.mechanisms import (
     POLICIES,
     SCHEMES,
@@ -34,15 +40,21 @@ from flipguard.harden.module import (
     save_hardened_run,
 )
 from flipguard.harden.paired import (
-    RESULT_FILE,
     HardeningError,
     PairedResult,
     campaign_engines,
     check_fault_free,
     deliver_faults,
-    harden_run,
     paired_bootstrap,
     paired_reinjection,
+)
+from flipguard.harden.pairstats import (
+    PairCell,
+    PairedComparison,
+    compare_paired,
+    improvement_interval,
+    pair_cells,
+    sign_flip_test,
 )
 from flipguard.harden.planner import (
     Candidate,
@@ -53,12 +65,21 @@ from flipguard.harden.planner import (
     select,
     weight_bits,
 )
+from flipguard.harden.session import (
+    RESULT_FILE,
+    SCHEMA,
+    coverage_summary,
+    evaluate_protections,
+    harden_run,
+)
 
 __all__ = [
-    "SecDed", "POLICIES", "SCHEMES", "STATUS_NAMES", "Protection", "ReadPath", "constant_bits",
-    "parse_schemes", "build_hardened", "clamp_activation", "harden_model",
-    "measure_input_bounds", "save_hardened_run", "RESULT_FILE", "HardeningError",
-    "PairedResult", "campaign_engines", "check_fault_free", "deliver_faults", "harden_run",
-    "paired_bootstrap", "paired_reinjection", "Candidate", "HardeningPlan", "candidates",
-    "improvement_curve", "plan_hardening", "select", "weight_bits",
+    "COVERAGE", "LOCATIONS", "Coverage", "exposure_cfr", "split_exposure", "PairCell",
+    "PairedComparison", "compare_paired", "improvement_interval", "pair_cells", "sign_flip_test",
+    "SCHEMA", "coverage_summary", "evaluate_protections", "SecDed", "POLICIES", "SCHEMES",
+    "STATUS_NAMES", "Protection", "ReadPath", "constant_bits", "parse_schemes", "build_hardened",
+    "clamp_activation", "harden_model", "measure_input_bounds", "save_hardened_run", "RESULT_FILE",
+    "HardeningError", "PairedResult", "campaign_engines", "check_fault_free", "deliver_faults",
+    "harden_run", "paired_bootstrap", "paired_reinjection", "Candidate", "HardeningPlan",
+    "candidates", "improvement_curve", "plan_hardening", "select", "weight_bits",
 ]

@@ -19,6 +19,12 @@ Order of application at read time (``ReadPath.deliver``):
 Statuses: ``NO_ERROR`` (the fault left the stored word unchanged), ``CORRECTED`` (delivered ==
 golden), ``DETECTED`` (flagged and zeroed by policy ``zero``), ``UNDETECTED`` (anything else).
 
+Every mechanism acts on the *read path* of stored words, so it covers faults in storage only
+(the word in memory up to the read port), not in the datapath (multipliers, adders, partial
+sums) nor in registers (PE operand registers, pipeline latches) after the read.
+``COVERAGE`` declares, per scheme, the fault locations covered and the read-path cost paid at
+every load, next to the memory bits of ``Protection.cost_bits``.
+
 >>> p = Protection("tmr", "fc", bits=(30,))
 >>> p.cost_bits(n_words=100), p.label
 (200, 'tmr[30] fc.weight')
@@ -35,13 +41,15 @@ from torch import Tensor
 
 from flipguard.errors import ConfigError
 from flipguard.faults import NumberFormat, get_format
+from flipguard.harden.coverage import COVERAGE, LOCATIONS, Coverage
 from flipguard.harden.ecc import DETECTED as ECC_DETECTED
 from flipguard.harden.ecc import SecDed, parity
 
 __all__ = [
-    "CORRECTED", "DETECTED", "NO_ERROR", "POLICIES", "SCHEMES", "STATUS_NAMES", "UNDETECTED",
-    "Protection", "ReadPath", "constant_bits", "ecc_read", "force_bits", "majority",
-    "parse_schemes", "parity_detect", "range_clamp", "stored_word", "to_signed", "to_unsigned",
+    "CORRECTED", "COVERAGE", "DETECTED", "LOCATIONS", "NO_ERROR", "POLICIES", "SCHEMES",
+    "STATUS_NAMES", "UNDETECTED", "Coverage", "Protection", "ReadPath", "constant_bits",
+    "ecc_read", "force_bits", "majority", "parse_schemes", "parity_detect", "range_clamp",
+    "stored_word", "to_signed", "to_unsigned",
 ]
 
 SCHEMES = ("tmr", "parity", "ecc", "range", "invariant")
@@ -49,6 +57,7 @@ POLICIES = ("zero", "reload")
 NO_ERROR, CORRECTED, DETECTED, UNDETECTED = 0, 1, 2, 3
 STATUS_NAMES = ("no-error", "corrected", "detected", "undetected")
 _CODES: dict[int, SecDed] = {}
+
 
 
 def parse_schemes(text: str | Iterable[str]) -> tuple[str, ...]:
@@ -187,6 +196,11 @@ class Protection:
         object.__setattr__(self, "bits", bits)
         if self.kernel is not None:
             object.__setattr__(self, "kernel", int(self.kernel))
+
+    @property
+    def coverage(self) -> Coverage:
+        """Fault locations covered and read-path cost of this scheme (``COVERAGE``)."""
+        return COVERAGE[self.scheme]
 
     @property
     def mask(self) -> int:

@@ -10,22 +10,21 @@ outcome, unless activation clamping changed the model, in which case every fault
 the hardened model and classified against the hardened model's own golden run.
 
 CFRs before/after are stratified estimates over the campaign strata (same ``N_h`` weights);
-the relative improvement ``(before - after) / before`` gets a seeded paired bootstrap
-interval (resampling the faults of each stratum with their before/after pair) and an exact
-McNemar p-value on the discordant pairs.
+the relative improvement ``(before - after) / before`` gets the weighted paired comparison
+of :mod:`~flipguard.harden.pairstats` (MOVER-R interval over per-stratum exact bounds, a test
+of ``D = 0`` consistent with it, and the exact stratified sign-flip test); the unweighted
+McNemar p-value is kept for reference only.
 
 >>> res = paired_reinjection(store, run.model, plan.protections, "accuracy-drop:0.01",
 ...                          lambda m: Engine(m, x, task))                 # doctest: +SKIP
 >>> res.relative_improvement, res.ci                                        # doctest: +SKIP
-(0.93, (0.88, 0.97))
+(0.93, (0.81, 0.98))
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from flipguard import __version__
 from flipguard.errors import FlipguardError
 from flipguard.faults import Fault, NumberFormat, get_format
 from flipguard.harden.mechanisms import (
@@ -42,20 +40,14 @@ from flipguard.harden.mechanisms import (
     STATUS_NAMES,
     Protection,
     ReadPath,
-    parse_schemes,
     stored_word,
 )
-from flipguard.harden.module import (
-    default_clamp_layers,
-    harden_model,
-    measure_input_bounds,
-    save_hardened_run,
-)
-from flipguard.harden.planner import improvement_curve, plan_hardening, tensor_words, weight_bits
+from flipguard.harden.pairstats import compare_paired, pair_cells
+from flipguard.harden.planner import tensor_words
 
-__all__ = ["RESULT_FILE", "SCHEMA", "Delivered", "HardeningError", "PairedResult",
-           "check_fault_free", "deliver_faults", "harden_run", "paired_bootstrap",
-           "paired_reinjection", "stratified_cfr"]
+__all__ = ["Delivered", "HardeningError", "PairedResult", "campaign_engines",
+           "check_fault_free", "deliver_faults", "paired_bootstrap", "paired_reinjection",
+           "stratified_cfr"]
 
 CRITICAL = ("sdc-critical", "non-finite")
 
@@ -155,6 +147,10 @@ def paired_bootstrap(before: np.ndarray, after: np.ndarray, strata: Sequence[str
     """Relative improvement ``(cfr_b - cfr_a) / cfr_b`` and its percentile interval from a
     seeded stratified bootstrap of the (before, after) pairs; NaN when nothing was critical.
 
+    Kept for comparison only: it cannot put critical faults in strata where none was
+    sampled (a stratum with no critical fault after hardening never gets one), so it
+    undercovers; :func:`flipguard.harden.pairstats.compare_paired` replaces it.
+
     >>> b = np.array([1, 1, 1, 0]); a = np.array([0, 0, 1, 0])
     >>> paired_bootstrap(b, a, ["s"] * 4, {"s": 100})[0]
     0.6666666666666666
@@ -188,7 +184,10 @@ def paired_bootstrap(before: np.ndarray, after: np.ndarray, strata: Sequence[str
 
 @dataclass
 class PairedResult:
-    """Before/after CFRs of the same faults, the paired improvement and bookkeeping."""
+    """Before/after CFRs of the same faults, the paired comparison and bookkeeping.
+    ``ci``: interval of the relative improvement (MOVER-R); ``comparison``: the whole
+    :class:`~flipguard.harden.pairstats.PairedComparison`; ``mcnemar_p``: unweighted
+    McNemar (reference only)."""
 
     fault_ids: list[int]
     before: np.ndarray
@@ -202,11 +201,22 @@ class PairedResult:
     simulated: int
     fault_free: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)
+    strata: list[str] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no per-fault arrays)."""
+        c = self.comparison
         return {"cfr_before": self.cfr_before, "cfr_after": self.cfr_after,
                 "relative_improvement": self.relative_improvement, "ci": list(self.ci),
+                "ci_level": c.get("confidence"), "p_value": c.get("p_value"),
+                "p_sign_flip": c.get("p_sign_flip"),
+                "p_sign_flip_method": c.get("p_sign_flip_method"),
+                "difference": c.get("difference"), "difference_ci": c.get("difference_ci"),
+                "unsampled_share": c.get("unsampled_share"),
+                "zero_critical_share": c.get("zero_critical_share"),
+                "test": c.get("test"), "interval": c.get("interval"),
                 "mcnemar_p": self.mcnemar_p, "n_faults": len(self.fault_ids),
                 "fixed": int((self.before & ~self.after).sum()),
                 "broken": int((~self.before & self.after).sum()),
@@ -234,11 +244,13 @@ def _golden_metrics(golden: Any) -> dict[str, Any]:
 
 def paired_reinjection(store: Any, model: nn.Module, protections: Sequence[Protection],
                        criterion: str, engine_for: Callable[[nn.Module], Any],
-                       hardened: nn.Module | None = None, n_boot: int = 2000, seed: int = 0,
+                       hardened: nn.Module | None = None, n_boot: int = 20_000, seed: int = 0,
                        confidence: float = 0.95) -> PairedResult:
     """Re-run the executed faults of campaign ``store`` with ``protections`` on ``model``
     (``hardened``: the same model with activation clamps, or None). ``engine_for(m)`` builds
-    the engine of the campaign (same inputs/task/format) for model ``m``."""
+    the engine of the campaign (same inputs/task/format) for model ``m``. ``n_boot``: Monte
+    Carlo draws of the sign-flip test when its null cannot be enumerated; ``confidence``: of
+    the improvement interval."""
     from flipguard.inject import Golden, Outcome, parse_criterion
 
     crit = parse_criterion(criterion)
@@ -288,26 +300,11 @@ def paired_reinjection(store: Any, model: nn.Module, protections: Sequence[Prote
     for d in deliv:
         statuses[d.status] = statuses.get(d.status, 0) + 1
     conf = float(store.definition.get("plan", {}).get("confidence", 0.99))
-    imp, ci = paired_bootstrap(before, after, strata, N, n_boot, seed, confidence)
+    cmp = compare_paired(pair_cells(before, after, strata, N), confidence, n_boot, seed)
     return PairedResult(ids, before, after, stratified_cfr(before, strata, N, conf),
-                        stratified_cfr(after, strata, N, conf), imp, ci,
-                        _mcnemar(before, after), statuses, len(rerun), fault_free)
-
-
-SCHEMA = "flipguard.hardening/1"
-RESULT_FILE = "hardening.json"
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) or isinstance(obj, np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer | np.bool_):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
+                        stratified_cfr(after, strata, N, conf), cmp.relative_improvement,
+                        cmp.ci, _mcnemar(before, after), statuses, len(rerun), fault_free,
+                        comparison=cmp.to_dict(), strata=strata, faults=faults)
 
 
 def campaign_engines(r: Any, store: Any) -> Callable[[nn.Module], Any]:
@@ -330,80 +327,9 @@ def campaign_engines(r: Any, store: Any) -> Callable[[nn.Module], Any]:
     return engine_for
 
 
-def harden_run(run: Any, budget: float = 0.03, schemes: str | Sequence[str] = "tmr,parity,ecc,"
-               "range,invariant", criterion: str = "accuracy-drop:0.01", policy: str = "zero",
-               method: str = "greedy", curve: bool = True, n_boot: int = 2000, seed: int = 0,
-               clamp_images: int = 64, save: bool = True,
-               engine_for: Callable[[nn.Module], Any] | None = None) -> dict[str, Any]:
-    """Plan protections for run directory ``run`` from its campaign, prove them by paired
-    re-injection and (``save``) write ``RUN/hardening.json`` (and ``RUN/hardened/`` when
-    ``schemes`` has "act", activation clamping). Returns the JSON dict (docs/hardening.md).
-    ``engine_for``: engine builder to reuse across calls (default :func:`campaign_engines`).
+def __getattr__(name: str) -> Any:  # harden_run, RESULT_FILE, SCHEMA moved to .session
+    if name in ("harden_run", "RESULT_FILE", "SCHEMA"):
+        from flipguard.harden import session
 
-    >>> res = harden_run("runs/demo", budget=0.03)  # doctest: +SKIP
-    >>> res["overhead"] <= 0.03                      # doctest: +SKIP
-    True
-    """
-    from flipguard.campaign import CampaignStore, cfr_table, store_path
-    from flipguard.inject import parse_criterion
-    from flipguard.run import atomic_write_text, load_run
-
-    names = [p.strip() for p in (schemes.split(",") if isinstance(schemes, str) else schemes)]
-    act = "act" in names
-    wnames = [n for n in names if n and n != "act"]
-    wschemes = parse_schemes(wnames) if wnames or not act else ()
-    parse_criterion(criterion)
-    r = load_run(run)
-    with CampaignStore(store_path(r.path)) as store:
-        d = store.definition
-        if d.get("model_fingerprint") not in (None, r.model_fingerprint()):
-            raise HardeningError(f"{store.path}: made for another model (fingerprint differs)")
-        fmt = get_format(d.get("plan", {}).get("fmt", "fp32"))
-        kernel = any(s.kernel is not None for s in store.strata())
-        rows = cfr_table(store, by=("layer", "target", "bit") + (("kernel",) if kernel else ()),
-                         criterion=criterion)
-        total = weight_bits(r.model, fmt)
-        hardened, clamps, act_bits = None, None, 0
-        if act:
-            ds = r.load_data((d.get("engine") or {}).get("data_dir"))
-            idx = np.unique(np.linspace(0, len(ds.train) - 1, min(clamp_images, len(ds.train)))
-                            .round().astype(np.int64))
-            train = ds.train[torch.as_tensor(idx)]
-            bounds = measure_input_bounds(r.model, train, default_clamp_layers(r.model, train))
-            hardened = harden_model(r.model, bounds)
-            act_bits = 2 * 32 * len(bounds)
-            clamps = {"layers": {k: list(v) for k, v in bounds.items()}, "cost_bits": act_bits,
-                      "path": "hardened" if save else None}
-        if act_bits > float(budget) * total:
-            raise HardeningError(f"budget: activation clamping alone needs {act_bits} bits, "
-                                 f"more than {budget} of {total} weight bits")
-        left = max(0.0, float(budget) - act_bits / total) if act else budget
-        plan = plan_hardening(r.model, rows, fmt, left, wschemes or "invariant", policy,
-                              method, None if wschemes else [])
-        res = paired_reinjection(store, r.model, plan.protections, criterion,
-                                 engine_for or campaign_engines(r, store), hardened, n_boot,
-                                 seed)
-        ids = ",".join(map(str, res.fault_ids))
-    cost = plan.cost_bits + act_bits
-    out = {"schema": SCHEMA, "run": str(r.path), "criterion": parse_criterion(criterion).text,
-           "format": fmt.name, "schemes": list(wschemes) + (["act"] if act else []),
-           "policy": policy, "method": method, "budget": float(budget),
-           "budget_bits": int(float(budget) * total), "weight_bits": total, "cost_bits": cost,
-           "overhead": cost / total, "reload_bits": plan.reload_bits,
-           "protections": [{**p.to_dict(), "label": p.label} for p in plan.protections],
-           "table": plan.table, "activation_clamps": clamps, **res.to_dict(), "ci_level": 0.95,
-           "expected": {"cfr_before": plan.expected_cfr_before,
-                        "cfr_after": plan.expected_cfr_after,
-                        "relative_improvement": plan.expected_removed / plan.expected_critical
-                        if plan.expected_critical > 0 else None},
-           "campaign": {"store": store_path(r.path).name, "n_faults": len(res.fault_ids),
-                        "fault_ids_sha256": hashlib.sha256(ids.encode()).hexdigest()},
-           "curve": improvement_curve(r.model, rows, None, fmt, wschemes, policy, method)
-           if curve and wschemes else None,
-           "flipguard_version": __version__, "created": time.time()}
-    out = _jsonable(out)
-    if save:
-        if hardened is not None:
-            save_hardened_run(r, hardened, r.path / "hardened")
-        atomic_write_text(r.path / RESULT_FILE, json.dumps(out, indent=2) + "\n")
-    return out
+        return getattr(session, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

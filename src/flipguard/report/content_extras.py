@@ -1,7 +1,7 @@
 """Sections for results of later stages, read from ``RUN/<name>.json`` when present:
 
-* ``hardening.json`` — the result of ``flipguard harden`` (schema ``flipguard.hardening/1``,
-  docs/hardening.md) or a ``HardeningPlan.to_dict()`` (planner estimate only);
+* ``hardening.json`` — the result of ``flipguard harden`` (schema ``flipguard.hardening/2``
+  or ``/1``, docs/hardening.md) or a ``HardeningPlan.to_dict()`` (planner estimate only);
 * ``ra.json`` (or ``resiliency.json``) — resiliency-accuracy results
   (``flipguard.ra.result_dict`` or a list of them); other scalars and lists of row dicts are
   shown generically (a ``"curve"`` list is also plotted: first numeric column vs the others).
@@ -154,12 +154,27 @@ def hardening_text(h: dict[str, Any]) -> str | None:
                 f"{pct(a.get('cfr'))} on the same {fmt_value(h.get('n_faults'), 'int')} "
                 "campaign faults (paired re-injection)")
         ci = h.get("ci")
+        weighted = h.get("p_value") is not None
         if h.get("relative_improvement") is not None and isinstance(ci, list) and len(ci) == 2:
+            kind = "weighted MOVER-R" if weighted else "paired bootstrap"
             text += (f": relative improvement {pct(h['relative_improvement'])} "
-                     f"({100 * float(h.get('ci_level', 0.95)):g} % interval "
+                     f"({100 * float(h.get('ci_level') or 0.95):g} % {kind} interval "
                      f"{fmt_value(ci[0], 'pct')}–{fmt_value(ci[1], 'pct')} %)")
-        if h.get("mcnemar_p") is not None:
+        if weighted:
+            text += f", weighted test of no change p = {fmt_value(h['p_value'], 'float')}"
+        elif h.get("mcnemar_p") is not None:
             text += f", McNemar p = {fmt_value(h['mcnemar_p'], 'float')}"
+        cov = h.get("coverage")
+        if isinstance(cov, list) and cov:
+            miss = sorted({loc for c in cov for loc in c.get("not_covered", [])})
+            text += (". The protections cover faults in "
+                     + ", ".join(sorted({loc for c in cov for loc in c.get("locations", [])}))
+                     + (f" only, not in {', '.join(miss)}" if miss else ""))
+        ex = h.get("exposure")
+        if isinstance(ex, dict) and ex.get("relative_improvement") is not None:
+            text += (f"; over the {ex.get('hardware')} exposure the improvement is "
+                     f"{pct(ex['relative_improvement'])} ({pct(ex.get('covered_share'))} of "
+                     "the exposure is in covered locations)")
         return text + "."
     e = h.get("expected") if isinstance(h.get("expected"), dict) else h
     keys = ("cfr_before", "cfr_after") if e is not h else ("expected_cfr_before",
@@ -173,7 +188,8 @@ def hardening_text(h: dict[str, Any]) -> str | None:
 @section("Hardening", order=80)
 def hardening(ctx: ReportContext) -> Section | None:
     """Protections chosen under the memory budget, the measured and expected improvement
-    (``RUN/hardening.json``, schema ``flipguard.hardening/1``)."""
+    (``RUN/hardening.json``, schema ``flipguard.hardening/2``): the weighted paired
+    comparison, what each protection covers and, when measured, the exposure view."""
     h = ctx.extras.get("hardening")
     if h is None:
         return None
@@ -212,6 +228,46 @@ def hardening(ctx: ReportContext) -> Section | None:
         blocks.append(rows_table("hardening_clamps", [
             {"layer": n, "lo": v[0], "hi": v[1]} for n, v in clamps["layers"].items()],
             "Activation clamps"))
+    cov = rest.pop("coverage", None)
+    if isinstance(cov, list) and cov:
+        blocks.append(Table("hardening_coverage", [
+            Column("scheme", "scheme"), Column("locations", "covers"),
+            Column("not_covered", "not covered"), Column("effect", "effect"),
+            Column("memory_bits", "memory bits", "int"),
+            Column("protected_words", "protected words", "int"),
+            Column("per_load", "read-path cost per load")],
+            [{**c, "locations": ", ".join(c.get("locations", [])),
+              "not_covered": ", ".join(c.get("not_covered", [])) or "-"} for c in cov],
+            "Fault locations each protection covers (storage / datapath / registers), its "
+            "memory bits and its read-path cost"))
+    ex = rest.pop("exposure", None)
+    if isinstance(ex, dict):
+        rows = [{"target": t, "location": loc, "share": v}
+                for t, d in (ex.get("locations") or {}).items() for loc, v in d.items()]
+        if rows:
+            blocks.append(Table("hardening_exposure_locations", [
+                Column("target", "target"), Column("location", "location"),
+                Column("share", "share of the exposure (%)", "pct")], rows,
+                f"Exposure ({ex.get('hardware')}) by fault location"))
+        whole = ex.get("whole_exposure") or {}
+        rng = whole.get("relative_improvement_range") or [None, None]
+        blocks.append(Table("hardening_exposure", [
+            Column("item", "item"), Column("value", "value (%)", "pct")], [
+            {"item": "measured share of the exposure", "value": ex.get("measured_share")},
+            {"item": "share in locations the protections cover", "value":
+             ex.get("covered_share")},
+            {"item": "CFR before (exposure-weighted)", "value": ex.get("cfr_before")},
+            {"item": "CFR after (exposure-weighted)", "value": ex.get("cfr_after")},
+            {"item": "improvement over the measured exposure",
+             "value": ex.get("relative_improvement")},
+            {"item": "improvement if every fault were in storage",
+             "value": ex.get("relative_improvement_if_all_storage")},
+            {"item": "whole exposure, unmeasured share at the same CFR",
+             "value": whole.get("relative_improvement_if_same_cfr")},
+            {"item": "whole exposure, lowest (unmeasured share all critical)",
+             "value": rng[0]}],
+            "Hardening over the hardware exposure (faults outside the covered locations "
+            "are not removed)"))
     curve = rest.pop("curve", None)
     rest.pop("protections", None)  # same facts as "table"
     blocks += generic_blocks("hardening", rest, "Hardening")
