@@ -94,12 +94,15 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
     form = get_format(fmt)
     counts: dict[tuple, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     audit: dict[tuple, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    by_round: dict[tuple, dict[str, dict[int, Counter]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(Counter)))
     for pf, cls in records:
         if cls not in CLASSES:
             raise ConfigError(f"class: expected one of {', '.join(CLASSES)}, got {cls!r}")
         g = _group_of(pf, form.field(pf.fault.bits[0]), by)
         counts[g][pf.stratum][cls] += 1
         audit[g][pf.stratum][cls] += pf.round == 0
+        by_round[g][pf.stratum][pf.round][cls] += 1
     sub = any(s.crit is not None for s in strata)  # criticality-stratified sampling
     layer_pos = {s.layer: i for i, s in reversed(list(enumerate(strata)))}
     order = {"layer": lambda v: layer_pos.get(v, 1 << 30), "bit": lambda v: -v,
@@ -112,11 +115,12 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
         cells = [(s, _cell_population(s, gd, form)) for s in strata]
         cells = [(s, N) for s, N in cells if N > 0]
 
-        def est(classes: Sequence[str], cells=cells, per=per, first=audit[g]):
-            if sub:  # audit + allocation rounds, MOVER interval (docs/criticality.md)
+        def est(classes: Sequence[str], cells=cells, per=per, first=audit[g],
+                rounds=by_round[g]):
+            if sub:  # rounds unbiased across adaptive top-ups (docs/criticality.md)
                 from flipguard.criticality.campaign import substrata_estimate
 
-                return substrata_estimate(cells, per, first, classes, confidence)
+                return substrata_estimate(cells, per, first, classes, confidence, rounds)
             return stratified([(N, sum(per[s.key].values()),
                                 sum(per[s.key][c] for c in classes)) for s, N in cells],
                               confidence, method)

@@ -4,7 +4,10 @@
 A ``--sampling stratified`` plan splits every planned stratum into sub-strata by predicted
 class (keys ``<stratum>:crit=<class>``); round 0 audits each with ``min(N_h, AUDIT)`` faults,
 round 1 draws the allocation planned from the audit among the other faults, and further
-rounds (``campaign run --refine``: sequential mode) top up until the margin is reached.
+rounds (``campaign run``: :func:`refine_stratified`) top up and end with a closing round
+(:func:`flipguard.criticality.topup.plan_round`; the store's meta ``closed`` lists the
+strata that had theirs). The CFR of the rounds is estimated without bias across them
+(:mod:`flipguard.criticality.sequential`, :func:`substrata_estimate`).
 
 >>> rows = calibration_table("runs/demo")   # doctest: +SKIP
 """
@@ -23,20 +26,19 @@ import numpy as np
 from flipguard.campaign.planner import Plan, PlanConfig, PlannedFault, PlannedStratum
 from flipguard.campaign.stats import Estimate, t_value, wilson
 from flipguard.criticality.predictor import CLASS_LABELS, CLASS_PRIORS, Predictor
+from flipguard.criticality.sequential import History, sequential_estimate
 from flipguard.criticality.stratified import (
-    Cell,
     allocate,
-    cell_interval,
     draw,
-    estimate,
     plan_rates,
     split_key,
     substratum_key,
 )
+from flipguard.criticality.topup import plan_round
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault
 
-__all__ = ["AUDIT", "StratifiedPlan", "calibration_table", "predictor_for_factory",
+__all__ = ["AUDIT", "StratifiedPlan", "calibration_table", "history", "predictor_for_factory",
            "predictor_for_run", "refine_stratified", "stratify_plan", "substrata_estimate"]
 
 AUDIT = 30
@@ -162,23 +164,45 @@ def stratify_plan(plan: Plan, predictor: Predictor | None) -> StratifiedPlan:
     return StratifiedPlan(plan.config, subs, plan.space, predictor, list(plan.strata), classes)
 
 
-def _observed(store: Any, criterion: str) -> dict[str, list[int]]:
-    """Per sub-stratum key: ``[n0, k0, n, k]`` (audit round, later rounds)."""
+def _observed(store: Any, criterion: str) -> dict[str, dict[int, list[int]]]:
+    """Per sub-stratum key and round: ``[n, k]`` of the executed faults."""
     from flipguard.campaign.analysis import classify_store
 
-    out: dict[str, list[int]] = {}
+    out: dict[str, dict[int, list[int]]] = {}
     for pf, cls in classify_store(store, criterion):
-        v = out.setdefault(pf.stratum, [0, 0, 0, 0])
-        j = 0 if pf.round == 0 else 2
-        v[j] += 1
-        v[j + 1] += cls in _CRITICAL
+        v = out.setdefault(pf.stratum, {}).setdefault(int(pf.round), [0, 0])
+        v[0] += 1
+        v[1] += cls in _CRITICAL
     return out
+
+
+def history(N: int, by_round: dict[int, Any], prior: float = 0.0,
+            classes: Sequence[str] | None = None) -> History:
+    """:class:`~flipguard.criticality.sequential.History` of ``N`` faults from per-round
+    counts: ``by_round[r]`` is ``[n, k]``, or (with ``classes``) a ``{class: count}`` mapping
+    whose ``classes`` count as critical. Round 0 is the audit; ``fill`` is the rate seen.
+
+    >>> history(500, {0: [30, 1], 2: [40, 2], 1: [100, 3]}).rounds
+    (1, 2)
+    """
+    def nk(v: Any) -> tuple[int, int]:
+        if classes is None:
+            return int(v[0]), int(v[1])
+        return int(sum(v.values())), int(sum(v.get(c, 0) for c in classes))
+
+    counts = {int(r): nk(v) for r, v in by_round.items()}
+    n0, k0 = counts.pop(0, (0, 0))
+    later = sorted((r, a, b) for r, (a, b) in counts.items() if a > 0)
+    n_all, k_all = n0 + sum(a for _, a, _ in later), k0 + sum(b for _, _, b in later)
+    return History(int(N), n0, k0, tuple(r for r, _, _ in later), tuple(a for _, a, _ in later),
+                   tuple(b for _, _, b in later), k_all / n_all if n_all else 0.5, float(prior))
 
 
 def refine_stratified(store: Any, model: Any, criterion: str, max_rounds: int = 3) -> int:
     """Next round of a stratified campaign: round 1 draws the allocation planned from the
-    audit; later rounds top up strata whose margin is still above the target (at most
-    ``max_rounds + 1`` rounds). Returns the number of faults added."""
+    audit; later rounds top up each stratum and end with its closing round
+    (:func:`~flipguard.criticality.topup.plan_round`, forced at round ``max_rounds + 1``).
+    Returns the number of faults added (0 once every stratum is closed)."""
     from flipguard.campaign.planner import make_plan
     from flipguard.campaign.runner import RunEngineFactory
 
@@ -189,6 +213,7 @@ def refine_stratified(store: Any, model: Any, criterion: str, max_rounds: int = 
     plan = make_plan(model, config, predictor=predictor_for_factory(factory, config))
     assert isinstance(plan, StratifiedPlan)
     rounds = int(store.get_meta("rounds", 0))
+    closed = set(store.get_meta("closed", []))
     if rounds > max_rounds:
         return 0
     obs, done_k = _observed(store, criterion), store.done_ks()
@@ -196,47 +221,58 @@ def refine_stratified(store: Any, model: Any, criterion: str, max_rounds: int = 
     groups: dict[str, list[PlannedStratum]] = {}
     for s in plan.strata:
         groups.setdefault(s.parent, []).append(s)
-    for subs in groups.values():
-        v = np.array([obs.get(s.key, [0, 0, 0, 0]) for s in subs], dtype=np.int64)
-        N = np.array([s.N for s in subs])
-        cells = [Cell(int(a), b[2], b[3], b[0], b[1]) for a, b in zip(N, v, strict=True)]
-        if rounds >= 1 and estimate(cells, config.confidence).margin <= config.error:
+    for parent, subs in groups.items():
+        if parent in closed:
             continue
-        n0 = np.array([s.n for s in subs])  # the audit round's size
-        have = np.array([len(done_k.get(s.key, ())) for s in subs]) - n0
-        target = allocate(N, plan_rates(v[:, 0] + v[:, 2], v[:, 1] + v[:, 3],
-                                        [s.p for s in subs]),
-                          config.error, config.confidence, AUDIT, have, n0)
-        if rounds >= 1 and (target <= have).all():  # grow the widest sub-stratum
-            width = [c.N * (lambda t: t[2] - t[1])(cell_interval(c, config.confidence))
-                     if c.n0 + c.n < c.N else -1.0 for c in cells]
-            h = int(np.argmax(width))
-            target[h] = min(N[h] - n0[h], have[h] + max(1, int(np.ceil(0.25 * have[h]))))
-        for s, t, h in zip(subs, target.tolist(), have.tolist(), strict=True):
-            if t > h:
-                drawn = plan.draw(s, t - h, rounds + 1, done_k.get(s.key, ()))
-                new += [PlannedFault(start + len(new) + i, s.key, k, f, kern, rounds + 1)
-                        for i, (k, f, kern) in enumerate(drawn)]
-    if new:
-        store.add_planned(new, meta={"rounds": rounds + 1})
+        hists = [history(s.N, obs.get(s.key, {}), s.p) for s in subs]
+        N = np.array([h.N for h in hists])
+        n0, k0 = np.array([h.n0 for h in hists]), np.array([h.k0 for h in hists])
+        n, k = np.array([sum(h.n) for h in hists]), np.array([sum(h.k) for h in hists])
+        if (n0 + n >= N).all():
+            closed.add(parent)
+            continue
+        if rounds == 0:  # the allocation round, planned from the audit
+            more = allocate(N, plan_rates(n0, k0, [s.p for s in subs]), config.error,
+                            config.confidence, AUDIT, None, n0)
+        else:
+            more, closing = plan_round(hists, plan_rates(n0 + n, k0 + k, [s.p for s in subs]),
+                                       config.error, config.confidence,
+                                       last=rounds + 1 > max_rounds)
+            if closing:
+                closed.add(parent)
+        for s, m in zip(subs, more.tolist(), strict=True):
+            if m > 0:
+                drawn = plan.draw(s, m, rounds + 1, done_k.get(s.key, ()))
+                new += [PlannedFault(start + len(new) + i, s.key, kk, f, kern, rounds + 1)
+                        for i, (kk, f, kern) in enumerate(drawn)]
+    meta = {"rounds": rounds + 1, "closed": sorted(closed)} if new else {"closed": sorted(closed)}
+    store.add_planned(new, meta=meta)
     return len(new)
 
 
 def substrata_estimate(cells: Sequence[tuple[Any, int]], per: dict, first: dict,
-                       classes: Sequence[str], confidence: float) -> Estimate:
+                       classes: Sequence[str], confidence: float,
+                       rounds: dict | None = None) -> Estimate:
     """CFR rows' estimate over sub-strata cells ``(stratum, N_c)``: ``per[key][cls]`` counts
-    all executed faults of the cell, ``first[key][cls]`` those of the audit round."""
+    all executed faults of the cell, ``first[key][cls]`` those of the audit round and
+    ``rounds[key][r][cls]`` those of round ``r`` (0 = the audit). With ``rounds`` the
+    estimator is unbiased across all rounds (:mod:`flipguard.criticality.sequential`; a cell
+    is a domain of its sub-stratum, post-stratified per round); without, the rounds after the
+    audit are pooled (exact only with a single one). ``var`` is the variance estimate,
+    ``n_eff`` the size whose binomial variance matches the margin."""
     out = []
     for s, N in cells:
+        if rounds is not None:
+            out.append(history(N, rounds.get(s.key, {}), s.p, classes))
+            continue
         n_all, k_all = sum(per[s.key].values()), sum(per[s.key][c] for c in classes)
         n0, k0 = sum(first[s.key].values()), sum(first[s.key][c] for c in classes)
-        fill = k_all / n_all if n_all else 0.5
-        out.append(Cell(N, n_all - n0, k_all - k0, n0, k0, fill))
-    e = estimate(out, confidence, "clopper-pearson")
+        more = ((1,), (n_all - n0,), (k_all - k0,)) if n_all > n0 else ((), (), ())
+        out.append(History(N, n0, k0, *more, k_all / n_all if n_all else 0.5, s.p))
+    e = sequential_estimate(out, confidence, "clopper-pearson")
     t = t_value(confidence)
-    var = (e.margin / t) ** 2
-    n_eff = e.p * (1 - e.p) / var if var > 0 else float("inf")
-    return Estimate(e.p, var, e.margin, e.ci, e.n, e.k, e.N, n_eff)
+    n_eff = e.p * (1 - e.p) / (e.margin / t) ** 2 if e.margin > 0 else float("inf")
+    return Estimate(e.p, e.var, e.margin, e.ci, e.n, e.k, e.N, n_eff)
 
 
 def calibration_table(run_or_store: Any, criterion: str = "accuracy-drop:0.01",

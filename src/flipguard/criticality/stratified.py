@@ -5,16 +5,23 @@ Within a planned stratum (layer, bit, kernel, ...) the faults are split by predi
 of at least ``audit`` faults, all of them when smaller), uniformly without replacement with
 its own seeded generator, so a wrong predictor costs precision, never correctness.
 
-Estimator: ``p = sum W_h p_h`` with ``W_h = N_h / N`` and ``p_h = k_h / n_h`` (unbiased for
-fixed ``n_h``). Interval: MOVER (Zou & Donner 2008; Newcombe's method for linear combinations
-of proportions) on per-sub-stratum Wilson (or Clopper–Pearson) intervals ``[l_h, u_h]`` with
-the finite-population correction through ``n_eff = n (N - 1) / (N - n)``::
+Rounds: 0 audits every sub-stratum; 1 draws the allocation planned from the audit; a
+sequential design (``run_stratified(sequential=True)``, ``campaign run --refine``) then tops
+up and always ends with a closing round (:func:`flipguard.criticality.topup.plan_round`).
 
-    lo = p - sqrt(sum W_h^2 (p_h - l_h)^2),   hi = p + sqrt(sum W_h^2 (u_h - p_h)^2)
+Estimator (:mod:`flipguard.criticality.sequential`): per sub-stratum the audited faults count
+as themselves and every later round's Horvitz–Thompson estimate of the faults not drawn
+before it is combined with weights fixed before the round is drawn, which is exactly unbiased
+across adaptive rounds; ``p = sum W_h p_h``, ``W_h = N_h / N``. With one round after the audit
+this is ``p_h = (k0 + (N_h - n0) k / n) / N_h`` (:class:`Cell`, :func:`estimate`). Interval:
+MOVER (Zou & Donner 2008; Newcombe's method for linear combinations of proportions) on
+per-round Clopper–Pearson (or Wilson) intervals ``[l, u]`` with the finite-population
+correction through ``n_eff = n (R - 1) / (R - n)``::
 
-A sub-stratum with ``k_h = 0`` keeps a positive upper distance ``≈ z^2 / (n_h + z^2)``, so
-the unseen critical faults of a "predicted harmless" class always widen the interval.
-``margin = max(hi - p, p - lo)``.
+    lo = p - sqrt(sum c^2 (q - l)^2),   hi = p + sqrt(sum c^2 (u - q)^2)
+
+A round with ``k = 0`` keeps a positive upper distance, so the unseen critical faults of a
+"predicted harmless" class always widen the interval. ``margin = max(hi - p, p - lo)``.
 
 Allocation: pilot-calibrated ``p~_h = (k_h + 2 π_h) / (n_h + 2)`` (``π_h`` the class prior),
 then the next samples go greedily to the sub-stratum whose extra samples shrink the predicted
@@ -38,6 +45,8 @@ import numpy as np
 
 from flipguard.campaign.stats import METHODS, interval, mover, wilson
 from flipguard.criticality.predictor import CLASS_PRIORS
+from flipguard.criticality.sequential import History, sequential_estimate
+from flipguard.criticality.topup import plan_round
 from flipguard.errors import ConfigError
 
 __all__ = ["Cell", "StratEstimate", "StratifiedResult", "allocate", "cell_interval", "draw",
@@ -112,7 +121,8 @@ class Cell(NamedTuple):
 
 @dataclass(frozen=True)
 class StratEstimate:
-    """Stratified CFR: point ``p``, MOVER interval ``ci``, ``margin``, sizes."""
+    """Stratified CFR: point ``p``, MOVER interval ``ci``, ``margin``, sizes and (sequential
+    estimator) the variance estimate ``var``."""
 
     p: float
     ci: tuple[float, float]
@@ -120,6 +130,7 @@ class StratEstimate:
     n: int
     k: int
     N: int
+    var: float = math.nan
 
 
 def cell_interval(c: Cell, confidence: float, method: str = "clopper-pearson"
@@ -246,7 +257,9 @@ def allocate(N: Sequence[int], p: Sequence[float], error: float, confidence: flo
 @dataclass
 class StratifiedResult:
     """Outcome of :func:`run_stratified` for one stratum: per class ``N``, the audited
-    ``n0``/``k0`` and the later ``n``/``k``; ``drawn[h]`` = stratum-local faults run."""
+    ``n0``/``k0`` and the later ``n``/``k`` (all rounds after the audit);
+    ``history[h]`` = ``(round, n, k)`` of class ``h``'s rounds after the audit; ``drawn[h]``
+    = stratum-local faults run."""
 
     key: str
     estimate: StratEstimate
@@ -257,10 +270,23 @@ class StratifiedResult:
     k: list[int]
     rounds: int
     drawn: dict[int, np.ndarray] = field(default_factory=dict)
+    history: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    priors: list[float] = field(default_factory=lambda: list(CLASS_PRIORS))
 
     @property
     def total(self) -> int:
         return int(sum(self.n0) + sum(self.n))
+
+    def histories(self) -> list[History]:
+        """Per class with faults: its :class:`~flipguard.criticality.sequential.History`."""
+        pri = np.resize(np.asarray(self.priors, dtype=np.float64), len(self.N))
+        out = []
+        for h, (a, b, c) in enumerate(zip(self.N, self.n0, self.k0, strict=True)):
+            if a:
+                rnd, n, k = (tuple(v) for v in zip(*self.history.get(h, []), strict=True)
+                             ) if self.history.get(h) else ((), (), ())
+                out.append(History(a, b, c, rnd, n, k, prior=float(pri[h])))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
@@ -268,7 +294,8 @@ class StratifiedResult:
         return {"key": self.key, "cfr": e.p, "ci": list(e.ci), "margin": e.margin,
                 "n": self.total, "critical": e.k, "N": e.N, "rounds": self.rounds,
                 "sub": [{"class": h, "N": a, "audit": b, "audit_critical": c, "n": d,
-                         "critical": f} for h, (a, b, c, d, f) in enumerate(rows) if a]}
+                         "critical": f, "history": [list(t) for t in self.history.get(h, [])]}
+                        for h, (a, b, c, d, f) in enumerate(rows) if a]}
 
 
 def run_stratified(classes: np.ndarray, evaluate: Callable[[np.ndarray], np.ndarray], *,
@@ -281,46 +308,70 @@ def run_stratified(classes: np.ndarray, evaluate: Callable[[np.ndarray], np.ndar
     ``classes[j]``: predicted class of stratum-local fault ``j``; ``evaluate(j_array)`` runs
     those faults and returns whether each is critical. Round 0 audits every class; round 1
     draws the allocation planned from the audit (:func:`plan_rates`, :func:`allocate`)
-    among the other faults. ``sequential``: further rounds until ``margin <= error``.
+    among the other faults (the two-phase design, the last round unless ``sequential``).
+    ``sequential``: top-ups planned from all rounds so far, ending with a closing round
+    (:func:`~flipguard.criticality.topup.plan_round`, at most ``max_rounds``); the
+    estimate is unbiased across the rounds (:mod:`flipguard.criticality.sequential`).
 
-    >>> res = run_stratified(cls, lambda j: truth[j], error=0.01, confidence=0.99)  # doctest: +SKIP
+    >>> cls = np.repeat([0, 3], [900, 100]); truth = np.arange(1000) % 50 == 0
+    >>> res = run_stratified(cls, lambda j: truth[j], error=0.02, confidence=0.9,
+    ...                      sequential=True)
+    >>> res.rounds >= 2, bool(res.estimate.ci[0] <= truth.mean() <= res.estimate.ci[1])
+    (True, True)
     """
     classes = np.asarray(classes).astype(np.int64)
     H = max(len(priors), int(classes.max()) + 1 if classes.size else 0)
     N = np.bincount(classes, minlength=H)
     pri = np.resize(np.asarray(priors, dtype=np.float64), H)
-    counts = {name: np.zeros(H, np.int64) for name in ("n0", "k0", "n", "k")}
+    n0, k0 = np.zeros(H, np.int64), np.zeros(H, np.int64)
+    hist: dict[int, list[tuple[int, int, int]]] = {h: [] for h in range(H)}
     drawn: dict[int, list[np.ndarray]] = {h: [] for h in range(H)}
 
-    def run(h: int, m: int, rnd: int, phase: str) -> None:
+    def run(h: int, m: int, rnd: int) -> None:
         kk, jj = draw(classes, h, m, seed, substratum_key(key, h), rnd,
                       exclude=np.concatenate(drawn[h]) if drawn[h] else ())
         drawn[h].append(kk)
-        counts["n" + phase][h] += len(jj)
-        counts["k" + phase][h] += int(np.asarray(evaluate(jj), dtype=bool).sum())
+        crit = int(np.asarray(evaluate(jj), dtype=bool).sum())
+        if rnd == 0:
+            n0[h], k0[h] = len(jj), crit
+        else:
+            hist[h].append((rnd, len(jj), crit))
+
+    def counts() -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([sum(t[1] for t in hist[h]) for h in range(H)], np.int64),
+                np.array([sum(t[2] for t in hist[h]) for h in range(H)], np.int64))
+
+    def result() -> StratifiedResult:
+        e = StratEstimate(math.nan, (0.0, 1.0), math.nan, 0, 0, 0)
+        return StratifiedResult(key, e, N.tolist(), n0.tolist(), k0.tolist(),
+                                *(v.tolist() for v in counts()), rounds, {},
+                                {h: list(v) for h, v in hist.items() if v}, pri.tolist())
 
     for h in np.flatnonzero(N):
-        run(h, int(min(N[h], audit)), 0, "0")
-    n0, k0, n, k = (counts[x] for x in ("n0", "k0", "n", "k"))
+        run(h, int(min(N[h], audit)), 0)
     rounds = 0
-    est = estimate([Cell(*c) for c in zip(N, n, k, n0, k0, strict=True)], confidence, method)
-    for rnd in range(1, max_rounds + 1):
-        if (n0 + n >= N).all() or (rnd > 1 and (not sequential or est.margin <= error)):
+    if (n0 < N).any():
+        target = allocate(N, plan_rates(n0, k0, pri), undershoot * error, confidence, audit,
+                          None, n0, method)
+        for h in np.flatnonzero(target):
+            run(h, int(target[h]), 1)
+        rounds = 1
+    live = np.flatnonzero(N)  # the classes of result().histories(), in order
+    for rnd in range(2, max_rounds + 1 if sequential else 2):
+        n, k = counts()
+        if (n0 + n >= N).all():
             break
-        target = allocate(N, plan_rates(n0 + n, k0 + k, pri), undershoot * error, confidence,
-                          audit, n, n0, method)
-        if (target <= n).all():  # predicted done but not achieved: grow the widest cell
-            width = [c.N * (lambda t: t[2] - t[1])(cell_interval(c, confidence, method))
-                     if c.n0 + c.n < c.N else -1.0
-                     for c in (Cell(*v) for v in zip(N, n, k, n0, k0, strict=True))]
-            h = int(np.argmax(width))
-            target[h] = min(N[h] - n0[h], n[h] + max(1, math.ceil(0.25 * n[h])))
-        for h in np.flatnonzero(target > n):
-            run(h, int(target[h] - n[h]), rnd, "")
+        x, closing = plan_round(result().histories(), plan_rates(n0 + n, k0 + k, pri)[live],
+                                undershoot * error, confidence, method, last=rnd == max_rounds)
+        for h, m in zip(live.tolist(), x.tolist(), strict=True):
+            if m > 0:
+                run(h, m, rnd)
         rounds = rnd
-        est = estimate([Cell(*c) for c in zip(N, n, k, n0, k0, strict=True)], confidence,
-                       method)
+        if closing:
+            break
+    out = result()
+    e = sequential_estimate(out.histories(), confidence, method)
+    out.estimate = StratEstimate(e.p, e.ci, e.margin, e.n, e.k, e.N, e.var)
     members = {h: np.flatnonzero(classes == h) for h in range(H) if drawn[h]}
-    picked = {h: members[h][np.concatenate(drawn[h])] for h in members}
-    return StratifiedResult(key, est, *(v.tolist() for v in (N, n0, k0, n, k)), rounds,
-                            picked)
+    out.drawn = {h: members[h][np.concatenate(drawn[h])] for h in members}
+    return out
