@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
     from flipguard.campaign.analysis import cfr_table
     from flipguard.campaign.planner import PlanConfig, make_plan
     from flipguard.campaign.runner import (
-        RunEngineFactory,
         chunks_of,
         ensure_golden,
         open_campaign,
         run_campaign,
     )
+    from flipguard.study.engines import RunEngineFactory
 
     factory = RunEngineFactory(args.run, images=args.images)
     model = factory.model()

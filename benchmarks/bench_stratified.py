@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
 
     from flipguard.campaign.planner import PlanConfig, make_plan
-    from flipguard.campaign.runner import RunEngineFactory
     from flipguard.campaign.stats import stratified
     from flipguard.criticality.campaign import predictor_for_run
     from flipguard.criticality.stratified import run_stratified
     from flipguard.faults import Fault
     from flipguard.inject import parse_criterion
+    from flipguard.study.engines import RunEngineFactory
 
     layers = tuple(args.layers.split(",")) if args.layers else None
     factory = RunEngineFactory(args.run, images=args.images)

@@ -54,10 +54,33 @@ def test_threshold_comes_from_normal_validation_only(tiny_run: Path) -> None:
 
     run = load_run(tiny_run)
     ds = run.load_data()
+    th = run.config.threshold
+    assert th.method == "tail" and th.fpr == 0.05
+    # 24 train images: the validation split is raised to the tail model's minimum of 4
     _, val_idx = split_validation(len(ds.train), run.config.data.val_fraction, seed=0)
+    assert len(val_idx) == 4
     val = ds.train[torch.as_tensor(val_idx)]
-    scores = run.scorer.scores(val, reconstruct(run.model, val)).numpy()
-    assert run.threshold == pytest.approx(float(np.quantile(scores, 0.99)), rel=1e-6)
+    s = np.sort(run.scorer.scores(val, reconstruct(run.model, val)).numpy().astype(np.float64))
+    # independent restatement of the tail rule: exponential tail above the median
+    u, excess = s[1], s[2:] - s[1]
+    expected = u + excess.mean() * np.log((3 / 5) / 0.05)
+    assert run.threshold == pytest.approx(expected, rel=1e-6)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["threshold_method"] == "tail" and metrics["target_fpr"] == 0.05
+    assert metrics["val_images"] == 4
+
+
+def test_threshold_options_are_checked_before_training(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert invoke("synth", data, "--n-train", 8, "--n-test", 4, "--size", 16).exit_code == 0
+    for opts, word in ((["--quantile", "2"], "quantile"), (["--fpr", "1.5"], "fpr"),
+                       (["--fpr", "0"], "fpr"), (["--threshold", "median"], "threshold")):
+        res = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"),
+                                  "--size", "16", "--epochs", "1", *opts])
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and word in lines[0], res.output
+        assert not (tmp_path / "r").exists()
 
 
 def test_evaluate_json_matches_independent_recomputation(tiny_run: Path) -> None:
@@ -108,3 +131,27 @@ def test_cli_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "nodata" in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_map_choice_and_threshold_do_not_depend_on_the_test_set(tmp_path: Path) -> None:
+    # Same train/good, different test sets: the auto-chosen map, the standardisation and the
+    # threshold (all from normal data) are identical; only the test metrics differ.
+    import shutil
+
+    from flipguard.pipeline import train_detector
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, n_test, seed in ((a, 8, 2), (b, 12, 3)):
+        res = invoke("synth", root, "--n-train", 24, "--n-test", n_test, "--size", 16,
+                     "--seed", seed)
+        assert res.exit_code == 0
+    shutil.rmtree(b / "train")
+    shutil.copytree(a / "train", b / "train")
+    kw = dict(size=16, model={"width": 0.25, "latent_dim": 4, "bottleneck": "spatial"},
+              train={"epochs": 2, "batch_size": 8, "lr": 1e-3, "inpaint": 0.5},
+              score={"map": "auto", "standardize": True, "smooth_sigma": 1.0})
+    ra, rb = train_detector(a, tmp_path / "ra", **kw), train_detector(b, tmp_path / "rb", **kw)
+    assert ra.config.score == rb.config.score and ra.threshold == rb.threshold
+    assert ra.model_fingerprint() == rb.model_fingerprint()
+    assert ra.metrics["map_selection"] == rb.metrics["map_selection"]
+    assert ra.metrics["n_test"] == 8 and rb.metrics["n_test"] == 12

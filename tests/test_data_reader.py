@@ -312,3 +312,29 @@ def test_split_validation_seed_and_errors() -> None:
             split_validation(10, bad)
     with pytest.raises(DatasetError, match="n="):
         split_validation(-1)
+
+
+def test_fit_resize_keeps_aspect_and_pads_with_edges(tmp_path: Path) -> None:
+    # A 10 (h) x 40 (w) image with a horizontal ramp and a mask on its right quarter:
+    # "fit" at 16 gives a 16 x 4 band centred vertically (rows 6..9), every margin row a
+    # copy of the nearest band row, the mask only inside the band.
+    ramp = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (10, 1))
+    _save(tmp_path / "train" / "good" / "a.png", ramp)
+    _save(tmp_path / "test" / "cut" / "b.png", ramp)
+    mask = np.zeros((10, 40), np.uint8)
+    mask[:, 30:] = 255
+    _save(tmp_path / "ground_truth" / "cut" / "b_mask.png", mask)
+    fit = load_mvtec(tmp_path, size=16, resize="fit")
+    stretch = load_mvtec(tmp_path, size=16)
+    img = fit.train[0, 0].numpy()
+    ref = np.asarray(Image.fromarray(ramp).resize((16, 4), Image.Resampling.BILINEAR)) / 255
+    np.testing.assert_allclose(img[6:10], ref, atol=1e-6)
+    np.testing.assert_array_equal(img[:6], np.repeat(img[6:7], 6, 0))
+    np.testing.assert_array_equal(img[10:], np.repeat(img[9:10], 6, 0))
+    m = fit.test_masks[0, 0].numpy()
+    assert m[:6].sum() == 0 and m[10:].sum() == 0
+    np.testing.assert_array_equal(m[6:10], _nearest(mask, 16)[:4] > 0)
+    assert fit.resize == "fit" and fit.fingerprint() != stretch.fingerprint()
+    ref_s = np.asarray(Image.fromarray(ramp).resize((16, 16), Image.Resampling.BILINEAR)) / 255
+    np.testing.assert_allclose(stretch.train[0, 0].numpy(), ref_s, atol=1e-6)
+    _error(lambda: load_mvtec(tmp_path, resize="crop"), str(tmp_path))

@@ -14,11 +14,12 @@ from flipguard.detect import (
     Scorer,
     calibrate_threshold,
     evaluate_detector,
+    fit_map_stats,
     reconstruct,
 )
 from flipguard.errors import ConfigError, FlipguardError
 from flipguard.metrics import aupro, threshold_metrics
-from flipguard.ssim import gaussian_blur, ssim, ssim_map
+from flipguard.ssim import gaussian_blur, gms_map, msgms_map, ssim, ssim_map
 
 
 def _np_gauss(size: int, sigma: float) -> np.ndarray:
@@ -114,16 +115,80 @@ def test_smoothing_and_ssim_map_scores():
     assert (sc.scores(x, r) <= raw + 1e-6).all()
 
 
-def test_scores_batch_size_invariant_and_deterministic():
+@pytest.mark.parametrize("kind", ["ssim", "msgms"])
+def test_scores_batch_size_invariant_and_deterministic(kind):
     x, r = _pair(n=7, size=24)
-    big = Scorer(ScoreConfig(batch_size=64)).scores(x, r)
-    one = Scorer(ScoreConfig(batch_size=1)).scores(x, r)
-    three = Scorer(ScoreConfig(batch_size=3)).scores(x, r)
-    assert torch.equal(big, one) and torch.equal(big, three)
-    assert torch.equal(big, Scorer(ScoreConfig(batch_size=64)).scores(x, r))
+    g = torch.Generator().manual_seed(0)
+    grid = (torch.rand(4, 4, generator=g) + 0.5).tolist()
+    for extra in ({}, {"standardize": True, "norm_mean": grid, "norm_std": grid}):
+        big = Scorer(ScoreConfig(map=kind, batch_size=64, **extra)).scores(x, r)
+        one = Scorer(ScoreConfig(map=kind, batch_size=1, **extra)).scores(x, r)
+        three = Scorer(ScoreConfig(map=kind, batch_size=3, **extra)).scores(x, r)
+        assert torch.equal(big, one) and torch.equal(big, three)
+        assert torch.equal(big, Scorer(ScoreConfig(map=kind, batch_size=64, **extra)).scores(x, r))
 
 
-@pytest.mark.parametrize("kind", ["l2", "ssim"])
+def _np_gms(a: np.ndarray, b: np.ndarray, c: float = 0.0026) -> np.ndarray:
+    """GMS of two 2-D arrays with scipy's Prewitt filters (normalised by 3)."""
+    def mag(z):
+        gx = ndimage.prewitt(z, axis=1, mode="nearest") / 3.0
+        gy = ndimage.prewitt(z, axis=0, mode="nearest") / 3.0
+        return np.sqrt(gx**2 + gy**2 + 1e-12)
+    ga, gb = mag(a), mag(b)
+    return (2 * ga * gb + c) / (ga**2 + gb**2 + c)
+
+
+def test_gms_and_msgms_match_scipy_reference():
+    x, r = _pair(n=2, size=16)
+    xd, rd = x.double(), r.double()
+    got = gms_map(xd, rd)
+    for i in range(2):
+        np.testing.assert_allclose(got[i, 0].numpy(), _np_gms(xd[i, 0].numpy(), rd[i, 0].numpy()),
+                                   atol=1e-10)
+    assert torch.equal(msgms_map(xd, rd, scales=1), got)
+    # scale 2: 2x2 block means (numpy reshape), GMS, bilinear upsampling (half-pixel centres)
+    pool = lambda z: z.reshape(8, 2, 8, 2).mean(axis=(1, 3))  # noqa: E731
+    small = _np_gms(pool(xd[0, 0].numpy()), pool(rd[0, 0].numpy()))
+    up = torch.nn.functional.interpolate(torch.from_numpy(small)[None, None], size=(16, 16),
+                                         mode="bilinear", align_corners=False)[0, 0].numpy()
+    ref2 = (_np_gms(xd[0, 0].numpy(), rd[0, 0].numpy()) + up) / 2
+    np.testing.assert_allclose(msgms_map(xd, rd, scales=2)[0, 0].numpy(), ref2, atol=1e-10)
+    assert torch.allclose(msgms_map(x, x), torch.ones(1))
+    assert msgms_map(torch.rand(1, 1, 3, 3), torch.rand(1, 1, 3, 3), scales=4).shape == (1, 1, 3, 3)
+
+
+def test_standardized_maps_are_per_position_z_scores():
+    g = torch.Generator().manual_seed(3)
+    normal = torch.rand(40, 1, 8, 8, generator=g)
+    class Left(nn.Module):  # residuals 5x larger on the left half of every image
+        def forward(self, x):
+            w = torch.ones_like(x) * 0.9
+            w[..., :4] = 0.5
+            return x * w
+
+    model = Left()
+    cfg = fit_map_stats(ScoreConfig(map="l2", smooth_sigma=0), model, normal, grid=8, floor=0)
+    maps = ((normal - model(normal)) ** 2).double()
+    np.testing.assert_allclose(np.array(cfg.norm_mean), maps.mean(0)[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.array(cfg.norm_std), maps.std(0)[0].numpy(), rtol=1e-5)
+    sc = Scorer(cfg)
+    z = sc.maps(normal, model(normal))
+    ref = (maps - maps.mean(0)) / maps.std(0)
+    np.testing.assert_allclose(z.double().numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+    # a coarser grid holds block means; the floor bounds the std from below
+    cfg4 = fit_map_stats(ScoreConfig(map="l2", smooth_sigma=0), model, normal, grid=4, floor=0.5)
+    raw4 = maps.std(0)[0].numpy().reshape(4, 2, 4, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(np.array(cfg4.norm_std), np.maximum(raw4, 0.5 * raw4.mean()),
+                               rtol=1e-6)
+    mean4 = maps.mean(0)[0].numpy().reshape(4, 2, 4, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(np.array(cfg4.norm_mean), mean4, rtol=1e-6)
+    with pytest.raises(ConfigError, match="standardize"):
+        Scorer(ScoreConfig(standardize=True))
+    with pytest.raises(ConfigError, match="norm_std"):
+        ScoreConfig(norm_std=[[1.0, 2.0], [1.0]])
+
+
+@pytest.mark.parametrize("kind", ["l2", "ssim", "msgms"])
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 def test_non_finite_reconstructions_propagate(kind, reduce):
     x, r = _pair(n=3)
@@ -230,3 +295,28 @@ def test_evaluate_detector_matches_direct_metrics():
     assert only_good["image_auroc"] is None and only_good["n_test"] == 6
     with pytest.raises(ConfigError, match="labels"):
         evaluate_detector(model, sc, thr, x, labels[:3])
+
+
+def test_select_map_is_the_validation_argmax_and_ignores_nothing_else():
+    from sklearn.metrics import roc_auc_score
+
+    from flipguard.mapselect import select_map
+    from flipguard.models.defects import paste_validation_defects
+
+    g = torch.Generator().manual_seed(5)
+    train = torch.rand(12, 1, 16, 16, generator=g) * 0.3 + 0.35
+    val = torch.rand(6, 1, 16, 16, generator=g) * 0.3 + 0.35
+    model = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)  # a "reconstruction"
+    cfg, table = select_map(ScoreConfig(smooth_sigma=1.0, standardize=True), model, train, val)
+    bad, _ = paste_validation_defects(val, seed=0)
+    y = np.r_[np.zeros(6), np.ones(6)]
+    ref = {}
+    for name in ("ssim", "msgms", "l2"):
+        c = fit_map_stats(ScoreConfig(map=name, smooth_sigma=1.0), model, train)
+        sc = Scorer(c)
+        with torch.no_grad():
+            s = torch.cat([sc.scores(val, model(val)), sc.scores(bad, model(bad))]).numpy()
+        ref[name] = roc_auc_score(y, s)
+        assert table[name] == pytest.approx(ref[name], abs=1e-4)
+    assert cfg.map == max(ref, key=lambda k: (ref[k], -("ssim", "msgms", "l2").index(k)))
+    assert cfg.standardize and cfg.norm_mean is not None

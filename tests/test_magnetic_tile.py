@@ -60,3 +60,22 @@ def test_magnetic_tile_loads_unchanged(magnetic_tile: Path) -> None:
 
     tr, val = split_validation(len(ds.train), val_fraction=0.1, seed=0)
     assert val.size == 66 and tr.size == 599
+
+
+def test_magnetic_tile_fit_resize_keeps_every_aspect_ratio(magnetic_tile: Path) -> None:
+    ds = load_mvtec(magnetic_tile, size=SIZE, resize="fit")
+    assert tuple(ds.test.shape) == (679, 1, SIZE, SIZE) and ds.resize == "fit"
+    m = ds.test_masks.numpy()[:, 0]
+    for i in range(0, 679, 29):
+        with Image.open(ds.test_paths[i]) as im:
+            w, h = im.size
+        nw, nh = round(w * SIZE / max(w, h)), round(h * SIZE / max(w, h))
+        top, left = (SIZE - nh) // 2, (SIZE - nw) // 2
+        x = ds.test[i, 0].numpy()
+        # margins repeat the nearest image row/column; masks are empty there
+        if top:
+            np.testing.assert_array_equal(x[:top], np.repeat(x[top : top + 1], top, 0))
+            assert m[i, :top].sum() == 0 and m[i, top + nh :].sum() == 0
+        if left:
+            np.testing.assert_array_equal(x[:, :left], np.repeat(x[:, left : left + 1], left, 1))
+            assert m[i, :, :left].sum() == 0 and m[i, :, left + nw :].sum() == 0

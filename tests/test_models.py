@@ -87,6 +87,37 @@ def test_fx_traceable():
     assert "encoder.0" in targets and "decoder.16" in targets
 
 
+def _spatial_params(c: int, d: int, stride: int) -> int:
+    """Closed-form count of the spatial bottleneck (3x3 latent conv both ways)."""
+    k5 = 4 if stride == 16 else 3
+    enc = [(c, 32, 4), (32, 32, 4), (32, 32, 3), (32, 64, 4), (64, 64, 3), (64, 128, k5),
+           (128, 64, 3), (64, 32, 3), (32, d, 3)]
+    dec = [(o, i, k) for i, o, k in reversed(enc)]
+    return sum(i * o * k * k + o for i, o, k in enc + dec)
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_spatial_bottleneck_is_fully_convolutional(stride):
+    cfg = CAEConfig(bottleneck="spatial", latent_dim=16, latent_stride=stride)
+    model = build_cae(cfg)
+    assert count_parameters(model) == _spatial_params(1, 16, stride)
+    x = torch.rand(2, 1, 128, 128)
+    assert model.encoder(x).shape == (2, 16, 128 // stride, 128 // stride)
+    assert model(x).shape == x.shape
+    # fully convolutional: any multiple of 16, also non-square
+    assert model(torch.rand(1, 1, 64, 96)).shape == (1, 1, 64, 96)
+    # injectable layers stay Conv2d / ConvTranspose2d, the graph traces with torch.fx
+    kinds = {type(m) for m in model.modules() if not list(m.children())}
+    assert kinds <= {nn.Conv2d, nn.ConvTranspose2d, nn.LeakyReLU, nn.Sigmoid}
+    gm = torch.fx.symbolic_trace(model)
+    assert torch.equal(gm(x), model(x))
+    # the first decoder layer's fan is 16 * 9 / 1 (He init on the 3x3 map, not the 1x1 rule)
+    std = float(model.decoder[0].weight.std())
+    assert abs(std - (2 / 1.04) ** 0.5 / (16 * 9) ** 0.5) < 0.15 * std
+    with pytest.raises(ConfigError, match="latent_stride"):
+        build_cae(CAEConfig(latent_stride=8))
+
+
 def test_seeded_init_without_global_rng():
     cfg = CAEConfig(input_size=16, width=0.25, latent_dim=4, seed=3)
     state = torch.random.get_rng_state()

@@ -240,10 +240,11 @@ def test_bootstrap_and_stratified_estimates() -> None:
 
 
 def tiny_run(root) -> tuple:
-    from flipguard.campaign import RunEngineFactory, open_campaign, run_campaign
+    from flipguard.campaign import open_campaign, run_campaign
     from flipguard.data import make_synthetic
     from flipguard.models import CAEConfig, build_cae
     from flipguard.run import DataSection, ModelSection, RunConfig, ThresholdSection, save_run
+    from flipguard.study.engines import RunEngineFactory
 
     data = make_synthetic(root / "data", n_train=8, n_test=6, size=32, seed=0)
     params = {"input_size": 32, "channels": 1, "width": 0.25, "latent_dim": 8}

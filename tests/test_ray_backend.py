@@ -11,8 +11,9 @@ import torch
 
 from flipguard.campaign.planner import PlanConfig
 from flipguard.campaign.ray_backend import ray_chunks
-from flipguard.campaign.runner import RunEngineFactory, open_campaign, run_campaign
+from flipguard.campaign.runner import open_campaign, run_campaign
 from flipguard.errors import ConfigError
+from flipguard.study.engines import RunEngineFactory
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 

@@ -72,8 +72,8 @@ def test_second_writer_is_refused_and_fresh_cannot_replace_a_live_store(tmp_path
 
 
 def test_fresh_beside_a_live_campaign_run_keeps_its_results(tmp_path):
+    from flipguard.study.engines import RunEngineFactory
     from test_runner import make_tiny_run
-    from flipguard.campaign import RunEngineFactory
 
     run = make_tiny_run(tmp_path)
     cfg = PlanConfig(strata="layer", error=0.3, confidence=0.8, layers=("encoder.0",))

@@ -51,6 +51,7 @@ from flipguard.report import (
 from flipguard.report.adapter import calibration_data
 from flipguard.report.figures_detector import roc_points
 from flipguard.report.summary import summary_lines
+from flipguard.study.engines import RunEngineFactory
 
 CRIT = "accuracy-drop:0.01"
 ODD_DIR = "data <&> \"x\""  # user string that must be escaped in the HTML
@@ -107,7 +108,7 @@ def make_run(root: Path, campaign_limit: int | None | str = None) -> Path:
     run_dir = fgrun.save_run(root / "run", rc, build_cae(cfg))
     fgrun.save_metrics(run_dir, evaluate_run(fgrun.load_run(run_dir)))
     if campaign_limit != "none":
-        factory = rn.RunEngineFactory(str(run_dir))
+        factory = RunEngineFactory(str(run_dir))
         with rn.open_campaign(run_dir, PLAN, factory) as store:
             rn.run_campaign(store, factory, limit=campaign_limit)
     return run_dir
@@ -335,7 +336,7 @@ def test_run_without_campaign_renders_detector_only(tmp_path):
     assert figs == {"detector_roc", "detector_scores", "detector_examples"}
     assert not list((run_dir / "report").glob("cfr_*.csv"))
     # planned but not started: the campaign section says so, no CFR figure yet
-    rn.open_campaign(run_dir, PLAN, rn.RunEngineFactory(str(run_dir))).close()
+    rn.open_campaign(run_dir, PLAN, RunEngineFactory(str(run_dir))).close()
     page = Page(build_report(run_dir, CRIT, examples=0).read_text())
     text = " ".join(page.text)
     assert "no fault has been executed yet" in text and "Campaign incomplete: 0 of" in text

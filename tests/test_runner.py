@@ -17,7 +17,6 @@ import torch
 
 from flipguard.campaign.planner import PlanConfig, make_plan
 from flipguard.campaign.runner import (
-    RunEngineFactory,
     chunks_of,
     first_faults,
     open_campaign,
@@ -27,6 +26,7 @@ from flipguard.campaign.runner import (
 )
 from flipguard.campaign.stats import leveugle_n
 from flipguard.campaign.store import CampaignStore, StoreError
+from flipguard.study.engines import RunEngineFactory
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PLAN = PlanConfig(strata="layer", error=0.2, confidence=0.9, seed=3)
@@ -91,7 +91,8 @@ def test_sigkill_at_random_points_resumes_exactly(reference, tmp_path):
     work = tmp_path / "killed.sqlite"
     script = (
         "import sys, torch; torch.set_num_threads(1)\n"
-        "from flipguard.campaign.runner import RunEngineFactory, open_campaign, run_campaign\n"
+        "from flipguard.campaign.runner import open_campaign, run_campaign\n"
+        "from flipguard.study.engines import RunEngineFactory\n"
         "from flipguard.campaign.planner import PlanConfig\n"
         "f = RunEngineFactory(sys.argv[1]); cfg = PlanConfig(**eval(sys.argv[3]))\n"
         "s = open_campaign(sys.argv[1], cfg, f, path=sys.argv[2])\n"

@@ -185,10 +185,11 @@ def test_interval_closed_forms():
 def test_stratified_campaign_end_to_end(tmp_path):
     from flipguard.campaign.analysis import CRITICAL, cfr_table, classify_store
     from flipguard.campaign.planner import PlanConfig
-    from flipguard.campaign.runner import RunEngineFactory, open_campaign
+    from flipguard.campaign.runner import open_campaign
     from flipguard.campaign.store import CampaignStore
     from flipguard.cli import app
     from flipguard.criticality.campaign import calibration_table, substrata_estimate
+    from flipguard.study.engines import RunEngineFactory
     from test_runner import make_tiny_run
 
     run = make_tiny_run(tmp_path)

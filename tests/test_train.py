@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from torch import nn
 
 from flipguard.detect import ScoreConfig, Scorer, reconstruct
 from flipguard.errors import ConfigError
 from flipguard.metrics import image_auroc
 from flipguard.models import CAEConfig, build_cae
+from flipguard.models.defects import corrupt_batch, paste_validation_defects
 from flipguard.train import TrainConfig, TrainError, augment_batch, train_model
 
 
@@ -121,3 +123,48 @@ def test_train_errors():
         TrainConfig(loss="l1")
     with pytest.raises(ConfigError, match="TrainConfig.epochs"):
         TrainConfig(epochs=0)
+
+
+def test_inpainting_objective_feeds_corrupted_inputs_and_clean_targets():
+    # An identity 1x1 convolution reconstructs clean inputs perfectly (loss 0); with the
+    # inpainting objective its loss is the corruption itself, so it must be > 0 at once.
+    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+
+    def identity() -> nn.Conv2d:
+        conv = nn.Conv2d(1, 1, 1)
+        with torch.no_grad():
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+        return conv
+
+    plain = train_model(identity(), images, TrainConfig(epochs=1, lr=1e-9, loss="l2"))
+    inp = train_model(identity(), images, TrainConfig(epochs=1, lr=1e-9, loss="l2", inpaint=1.0))
+    assert plain[0] < 1e-12 < 1e-4 < inp[0]
+
+
+def test_corrupt_batch_changes_only_masked_pixels_of_chosen_images():
+    x = torch.rand(400, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+    y, m = corrupt_batch(x, torch.Generator().manual_seed(2), p=0.5)
+    y2, m2 = corrupt_batch(x, torch.Generator().manual_seed(2), p=0.5)
+    assert torch.equal(y, y2) and torch.equal(m, m2)  # seeded
+    chosen = m.flatten(1).amax(1) > 0
+    assert abs(int(chosen.sum()) - 200) < 4 * 10  # binomial(400, 0.5): sd 10
+    assert torch.equal(y[~chosen], x[~chosen])
+    assert torch.equal(y[m.expand_as(y) == 0], x[m.expand_as(x) == 0])  # outside masks: exact
+    assert ((y >= 0) & (y <= 1)).all() and set(m.unique().tolist()) <= {0.0, 1.0}
+    area = m[chosen].flatten(1).mean(1)
+    assert float(area.max()) < 0.2 and float(area.min()) > 0
+
+
+def test_validation_defects_shift_exactly_the_mask_by_the_image_contrast():
+    x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 0.2 + 0.4
+    bad, m = paste_validation_defects(x, seed=4, contrast=2.0)
+    for i in range(6):
+        inside = m[i, 0] > 0
+        assert inside.any() and torch.equal(bad[i, 0][~inside], x[i, 0][~inside])
+        d = (bad[i, 0] - x[i, 0])[inside]
+        delta = max(0.05, 2.0 * float(x[i].std()))
+        assert torch.allclose(d.abs(), torch.full_like(d, delta), atol=1e-6)
+        assert (d > 0).all() or (d < 0).all()
+    again, _ = paste_validation_defects(x, seed=4, contrast=2.0)
+    assert torch.equal(bad, again)

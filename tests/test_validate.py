@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from scipy.stats import hypergeom
 
-from flipguard.campaign import RunEngineFactory
 from flipguard.campaign.analysis import classify_store
 from flipguard.campaign.store import CampaignStore
 from flipguard.campaign.validation import validate_sfi
 from flipguard.errors import ConfigError
 from flipguard.inject import CRITICAL, parse_criterion
+from flipguard.study.engines import RunEngineFactory
 from flipguard.study.validate import ValidateOptions, store_file, validate_run
 
 

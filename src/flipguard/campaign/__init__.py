@@ -20,7 +20,6 @@ from flipguard.campaign.planner import (
     make_plan,
 )
 from flipguard.campaign.runner import (
-    RunEngineFactory,
     chunks_of,
     ensure_golden,
     first_faults,
@@ -47,7 +46,7 @@ __all__ = [
     "FAULT_MODELS", "STRATA", "Plan", "PlanConfig", "PlannedFault", "PlannedStratum",
     "data_aware_p", "draw_faults", "make_plan", "top_up",
     "CampaignStore", "StoreError", "export", "store_path",
-    "RunEngineFactory", "chunks_of", "first_faults", "ensure_golden", "open_campaign",
+    "chunks_of", "first_faults", "ensure_golden", "open_campaign",
     "probe_rate", "refine", "run_campaign",
     "Estimate", "allocate", "clopper_pearson", "interval", "leveugle_n", "post_hoc_margin",
     "stratified", "t_value", "wilson",

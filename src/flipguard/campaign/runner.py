@@ -6,7 +6,8 @@ transaction. Backends: in-process, ``workers`` local processes (spawn, one torch
 each builds its engine once) or a Ray cluster (:mod:`flipguard.campaign.ray_backend`). The
 same plan gives the same rows whichever backend runs it.
 
-Example::
+Example (``factory``: any picklable engine recipe with ``model()``, ``fingerprints()`` and
+``__call__()``, e.g. :class:`flipguard.study.engines.RunEngineFactory`)::
 
     factory = RunEngineFactory("runs/demo", images=16)
     store = open_campaign("runs/demo", PlanConfig(error=0.05, confidence=0.95), factory)
@@ -19,11 +20,9 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from flipguard import __version__
@@ -37,77 +36,17 @@ from flipguard.campaign.planner import (
 )
 from flipguard.campaign.store import CampaignStore, StoreError, store_path, writer_lock
 from flipguard.errors import ConfigError
-from flipguard.fingerprint import tensor_fingerprint
 from flipguard.layers import evenly_spaced
 
-__all__ = ["Chunk", "RunEngineFactory", "chunks_of", "ensure_golden", "execute_chunk",
+__all__ = ["Chunk", "chunks_of", "ensure_golden", "execute_chunk",
            "first_faults",
-           "open_campaign", "probe_rate", "refine", "run_campaign", "tensor_fingerprint",
+           "open_campaign", "probe_rate", "refine", "run_campaign",
            "top_up"]
 
 Chunk = tuple[list[int], list[dict[str, Any]]]
 """Executed chunk: fault ids and their ``Outcome.to_dict()`` rows."""
 Progress = Callable[[int, int], None]
 """progress(done, total)."""
-
-
-_PARTS: dict[Any, tuple[Any, torch.Tensor, np.ndarray]] = {}
-
-
-@dataclass(frozen=True)
-class RunEngineFactory:
-    """Picklable recipe of the engine of a run directory: the detector evaluated on the
-    run's test images (``images``: that many, evenly spaced; None = all).
-
-    ``factory()`` builds the engine; ``factory.model()`` only loads the network.
-    """
-
-    run: str
-    images: int | None = None
-    fmt: str = "fp32"
-    data_dir: str | None = None
-
-    def model(self) -> torch.nn.Module:
-        from flipguard.run import load_run
-
-        return load_run(self.run).model  # a fresh copy: callers may modify it
-
-    def _parts(self) -> tuple[Any, torch.Tensor, np.ndarray]:
-        """(run, inputs, labels), cached per process while the run's files are unchanged."""
-        files = [Path(self.run) / n for n in ("config.json", "model.pt")]
-        key = (self, tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
-        if key not in _PARTS:
-            _PARTS.clear()
-            _PARTS[key] = self._load()
-        return _PARTS[key]
-
-    def _load(self) -> tuple[Any, torch.Tensor, np.ndarray]:
-        from flipguard.run import load_run
-
-        run = load_run(self.run)
-        ds = run.load_data(self.data_dir)
-        idx = np.arange(len(ds.test))
-        if self.images is not None:
-            if self.images < 1:
-                raise ConfigError(f"images: expected a positive count, got {self.images}")
-            idx = evenly_spaced(len(idx), self.images)
-        return run, ds.test[torch.as_tensor(idx)], np.asarray(ds.test_labels)[idx]
-
-    def fingerprints(self) -> dict[str, str]:
-        """``model``, ``data`` (evaluated images + labels) and ``task`` (threshold, scorer,
-        format) fingerprints."""
-        run, inputs, labels = self._parts()
-        task = json.dumps({"threshold": run.threshold, "score": run.config.score,
-                           "fmt": self.fmt}, sort_keys=True)
-        return {"model": run.model_fingerprint(), "data": tensor_fingerprint(inputs, labels),
-                "task": hashlib.sha256(task.encode()).hexdigest()}
-
-    def __call__(self) -> Any:
-        from flipguard.inject import DetectionTask, Engine
-
-        run, inputs, labels = self._parts()
-        task = DetectionTask(run.scorer.scores, run.threshold, labels)
-        return Engine(run.model, inputs, task, fmt=self.fmt)
 
 
 def open_campaign(run: str | Path, config: PlanConfig, factory: Any, *, fresh: bool = False,

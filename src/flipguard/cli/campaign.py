@@ -14,6 +14,7 @@ from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.cli._common import cli_errors, console, print_json
 from flipguard.errors import ConfigError
 from flipguard.layers import evenly_spaced
+from flipguard.study.engines import RunEngineFactory
 
 app = typer.Typer(help="Statistical fault-injection campaigns (plan, run, status, export).",
                   no_args_is_help=True)
@@ -113,7 +114,8 @@ def plan(
     """Show the planned strata, populations, sample sizes and a time estimate."""
     from flipguard.campaign.conventions import population_note
     from flipguard.campaign.planner import make_plan
-    from flipguard.campaign.runner import RunEngineFactory, execute_chunk
+    from flipguard.campaign.runner import execute_chunk
+    from flipguard.study.engines import RunEngineFactory
 
     cfg = _config(strata, error, confidence, p, fault_model, rounding, layers, targets, seed, fmt,
                   sampling, criterion, target_margin, t, stuck_at)
@@ -203,7 +205,7 @@ def run_cmd(
         from flipguard.inject import parse_criterion
 
         parse_criterion(criterion)
-    factory = rn.RunEngineFactory(str(run), images=images, fmt=fmt)
+    factory = RunEngineFactory(str(run), images=images, fmt=fmt)
     with rn.open_campaign(run, cfg, factory, fresh=fresh) as store:
         engine = factory()
         rn.ensure_golden(store, engine)

@@ -39,8 +39,8 @@ def validate(
 ) -> None:
     """Inject every fault of LAYER once (RUN/validate/LAYER.sqlite, resumable), then compare
     SFI estimates and intervals at each margin with the exhaustive CFR."""
-    from flipguard.campaign import RunEngineFactory
     from flipguard.cli._core import make_progress
+    from flipguard.study.engines import RunEngineFactory
     from flipguard.study.validate import ValidateOptions, validate_run
 
     opts = ValidateOptions(

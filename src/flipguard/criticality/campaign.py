@@ -54,11 +54,12 @@ def predictor_for_run(run: str | Path, images: int | None = None,
                       max_images: int = 64, cache: bool = True) -> Predictor:
     """Predictor of a run directory on the images the campaign engine evaluates, cached in
     ``RUN/criticality/<digest>.pt`` (keyed by model, data and task fingerprints and options)."""
-    from flipguard.campaign.runner import RunEngineFactory
     from flipguard.inject import DetectionTask
+    from flipguard.study.engines import RunEngineFactory
 
     factory = RunEngineFactory(str(run), images=images, fmt=fmt, data_dir=data_dir)
-    r, inputs, labels = factory._parts()
+    parts = factory.parts()
+    r, inputs, labels = parts.run, parts.inputs, parts.labels
     key = {"fp": factory.fingerprints(), "criterion": criterion, "targets": list(targets),
            "layers": None if layers is None else list(layers), "max_images": max_images,
            "kinds": list(kinds), "version": 1}
@@ -204,7 +205,7 @@ def refine_stratified(store: Any, model: Any, criterion: str, max_rounds: int = 
     (:func:`~flipguard.criticality.topup.plan_round`, forced at round ``max_rounds + 1``).
     Returns the number of faults added (0 once every stratum is closed)."""
     from flipguard.campaign.planner import make_plan
-    from flipguard.campaign.runner import RunEngineFactory
+    from flipguard.study.engines import RunEngineFactory
 
     config = PlanConfig.from_dict(store.definition["plan"])
     eng = store.definition.get("engine", {})

@@ -311,8 +311,8 @@ def campaign_engines(r: Any, store: Any) -> Callable[[nn.Module], Any]:
     """``engine_for(model)`` of :func:`paired_reinjection` for loaded run ``r`` and its
     campaign ``store``: the campaign's inputs, task and number format (the run's own engine
     for the run's model, a new one over the same inputs for a hardened copy)."""
-    from flipguard.campaign import RunEngineFactory
     from flipguard.inject import Engine
+    from flipguard.study.engines import RunEngineFactory
 
     d = store.definition
     fmt = get_format(d.get("plan", {}).get("fmt", "fp32"))

@@ -1,0 +1,97 @@
+"""The engine of a run directory: its model evaluated on its test inputs for its task.
+
+:class:`RunEngineFactory` is the one recipe every verb uses (campaigns, validation,
+hardening, RA, the predictor): picklable, so worker processes and Ray actors build the engine
+once each, and fingerprinted, so a store made for another model, dataset or task is refused.
+
+>>> f = RunEngineFactory("runs/demo", images=16)
+>>> f.images
+16
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flipguard.errors import ConfigError
+from flipguard.fingerprint import tensor_fingerprint
+from flipguard.inject import DetectionTask, Engine, Task
+from flipguard.layers import evenly_spaced
+from flipguard.run import Run, load_run
+
+__all__ = ["EngineParts", "RunEngineFactory", "task_for"]
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    """A loaded run with the inputs and labels its engine evaluates."""
+
+    run: Run
+    inputs: torch.Tensor
+    labels: np.ndarray
+
+
+def task_for(run: Run, labels: np.ndarray) -> Task:
+    """The task saying what "correct" means for ``run`` (the detector at its threshold)."""
+    return DetectionTask(run.scorer.scores, run.threshold, labels)
+
+
+_PARTS: dict[Any, EngineParts] = {}
+
+
+@dataclass(frozen=True)
+class RunEngineFactory:
+    """Picklable recipe of the engine of a run directory: the run's model on its test inputs
+    (``images``: that many, evenly spaced; None = all) in number format ``fmt``.
+
+    ``factory()`` builds the engine; ``factory.model()`` only loads the network (a fresh copy
+    callers may modify); ``factory.parts()`` the run, inputs and labels (cached per process
+    while the run's files are unchanged).
+    """
+
+    run: str
+    images: int | None = None
+    fmt: str = "fp32"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.images is not None and (not isinstance(self.images, int) or self.images < 1):
+            raise ConfigError(f"images: expected a positive count, got {self.images!r}")
+
+    def model(self) -> torch.nn.Module:
+        return load_run(self.run).model
+
+    def parts(self) -> EngineParts:
+        files = [Path(self.run) / n for n in ("config.json", "model.pt")]
+        key = (self, tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
+        if key not in _PARTS:
+            _PARTS.clear()
+            _PARTS[key] = self._load()
+        return _PARTS[key]
+
+    def _load(self) -> EngineParts:
+        run = load_run(self.run)
+        ds = run.load_data(self.data_dir)
+        idx = evenly_spaced(len(ds.test), self.images)
+        return EngineParts(run, ds.test[torch.as_tensor(idx)], np.asarray(ds.test_labels)[idx])
+
+    def fingerprints(self) -> dict[str, str]:
+        """``model``, ``data`` (evaluated inputs + labels) and ``task`` (what "correct" means
+        and the number format) fingerprints."""
+        p = self.parts()
+        task = json.dumps({"threshold": p.run.threshold, "score": p.run.config.score,
+                           "fmt": self.fmt}, sort_keys=True)
+        return {"model": p.run.model_fingerprint(),
+                "data": tensor_fingerprint(p.inputs, p.labels),
+                "task": hashlib.sha256(task.encode()).hexdigest()}
+
+    def __call__(self) -> Engine:
+        p = self.parts()
+        return Engine(p.run.model, p.inputs, task_for(p.run, p.labels), fmt=self.fmt)
