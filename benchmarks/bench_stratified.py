@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flipguard.campaign.planner import PlanConfig, make_plan
     from flipguard.campaign.stats import stratified
-    from flipguard.criticality.campaign import predictor_for_run
-    from flipguard.criticality.stratified import run_stratified
+    from flipguard.campaign.substrata import run_stratified
     from flipguard.faults import Fault
     from flipguard.inject import parse_criterion
     from flipguard.study.engines import RunEngineFactory
+    from flipguard.study.predictors import predictor_for_run
 
     layers = tuple(args.layers.split(",")) if args.layers else None
     factory = RunEngineFactory(args.run, images=args.images)

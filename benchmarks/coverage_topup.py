@@ -11,7 +11,7 @@ most 4 rounds after the audit) with
   until the margin is reached, the rounds after the audit pooled (:func:`old_design`);
 * ``new: weighted rounds`` — the current :func:`flipguard.criticality.run_stratified`
   (``sequential=True, max_rounds=4``): rounds weighted before they are drawn, a closing round
-  announced in advance (:mod:`flipguard.criticality.sequential`).
+  announced in advance (:mod:`flipguard.campaign.sequential`).
 
 It reports the bias of the point estimate (mean minus exact CFR, with its s.e.
 ``sd / sqrt(R)``), how often the interval covers the exact CFR (± 1.96 s.e., the s.e. from
@@ -63,7 +63,7 @@ def old_design(classes: np.ndarray, evaluate: Callable[[np.ndarray], np.ndarray]
     """The previous sequential design (as ``run_stratified`` / ``refine_stratified`` were):
     after the audit, allocation and top-ups until the margin of the pooled estimator is at
     most ``error``. Returns ``(p, ci, faults)``."""
-    from flipguard.criticality.stratified import (
+    from flipguard.campaign.substrata import (
         Cell,
         allocate,
         cell_interval,
@@ -115,7 +115,7 @@ def new_design(classes: np.ndarray, evaluate: Callable[[np.ndarray], np.ndarray]
                error: float, confidence: float, seed: int, key: str
                ) -> tuple[float, tuple[float, float], int]:
     """The current sequential design (``run_stratified(sequential=True)``)."""
-    from flipguard.criticality.stratified import run_stratified
+    from flipguard.campaign.substrata import run_stratified
 
     r = run_stratified(classes, evaluate, error=error, confidence=confidence, seed=seed,
                        key=key, sequential=True, max_rounds=MAX_ROUNDS, priors=PRIORS)

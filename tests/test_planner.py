@@ -19,7 +19,7 @@ from flipguard.campaign.planner import (
     draw_faults,
     make_plan,
 )
-from flipguard.campaign.runner import top_up
+from flipguard.campaign.refine import top_up
 from flipguard.campaign.stats import leveugle_n
 from flipguard.errors import ConfigError
 

@@ -29,7 +29,6 @@ from flipguard.campaign.planner import PlanConfig
 from flipguard.campaign.stats import t_value
 from flipguard.campaign.store import CampaignStore, store_path
 from flipguard.cli.report import register
-from flipguard.criticality.campaign import calibration_table
 from flipguard.criticality.predictor import CLASS_LABELS, CLASS_PRIORS
 from flipguard.data import make_synthetic
 from flipguard.harden.paired import harden_run
@@ -52,6 +51,7 @@ from flipguard.report.adapter import calibration_data
 from flipguard.report.figures_detector import roc_points
 from flipguard.report.summary import summary_lines
 from flipguard.study.engines import RunEngineFactory
+from flipguard.study.predictors import calibration_table
 
 CRIT = "accuracy-drop:0.01"
 ODD_DIR = "data <&> \"x\""  # user string that must be escaped in the HTML
@@ -263,7 +263,7 @@ def test_calibration_fails_soft_when_the_predictor_cannot_be_built(full, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("no gradients here\nsecond line")
 
-    monkeypatch.setattr("flipguard.criticality.campaign.predictor_for_run", broken)
+    monkeypatch.setattr("flipguard.study.predictors.predictor_for_run", broken)
     data = calibration_data(run_dir, camp)
     assert data["error"] == "RuntimeError: no gradients here" and "rows" not in data
     ctx = ReportContext(run_dir, extras={"calibration": data})

@@ -1,4 +1,4 @@
-"""The sub-stratum estimator across adaptive rounds (criticality/sequential.py): exact
+"""The sub-stratum estimator across adaptive rounds (campaign/sequential.py): exact
 unbiasedness by enumeration, rare-event simulations against the old pooled estimator, the
 interval's closed forms, and the real run_stratified / campaign code paths."""
 
@@ -11,9 +11,7 @@ import pytest
 from scipy.special import ndtri
 from scipy.stats import hypergeom
 
-from flipguard.campaign.stats import interval
-from flipguard.criticality.campaign import history, substrata_estimate
-from flipguard.criticality.sequential import (
+from flipguard.campaign.sequential import (
     PILOT_MAX,
     TOPUP,
     History,
@@ -25,8 +23,10 @@ from flipguard.criticality.sequential import (
     sums,
     weights,
 )
-from flipguard.criticality.stratified import Cell, allocate, estimate, plan_rates, run_stratified
-from flipguard.criticality.topup import plan_round
+from flipguard.campaign.stats import interval
+from flipguard.campaign.stratified import history, substrata_estimate
+from flipguard.campaign.substrata import Cell, allocate, estimate, plan_rates, run_stratified
+from flipguard.campaign.topup import plan_round
 
 
 def test_bounds_match_the_stats_interval():

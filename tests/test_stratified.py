@@ -14,8 +14,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from flipguard.campaign.stats import interval, leveugle_n
-from flipguard.criticality import CLASS_LABELS, Predictor
-from flipguard.criticality.stratified import (
+from flipguard.campaign.substrata import (
     Cell,
     allocate,
     draw,
@@ -25,6 +24,7 @@ from flipguard.criticality.stratified import (
     run_stratified,
     substratum_key,
 )
+from flipguard.criticality import CLASS_LABELS, Predictor
 from flipguard.faults import Fault, SiteSpace
 from flipguard.inject import DetectionTask, Engine, parse_criterion
 
@@ -187,9 +187,10 @@ def test_stratified_campaign_end_to_end(tmp_path):
     from flipguard.campaign.planner import PlanConfig
     from flipguard.campaign.runner import open_campaign
     from flipguard.campaign.store import CampaignStore
+    from flipguard.campaign.stratified import substrata_estimate
     from flipguard.cli import app
-    from flipguard.criticality.campaign import calibration_table, substrata_estimate
     from flipguard.study.engines import RunEngineFactory
+    from flipguard.study.predictors import calibration_table, predictor_for_factory
     from test_runner import make_tiny_run
 
     run = make_tiny_run(tmp_path)
@@ -215,7 +216,9 @@ def test_stratified_campaign_end_to_end(tmp_path):
     cfg = PlanConfig(strata="layer", error=0.05, confidence=0.95, layers=("encoder.0",),
                      sampling="stratified")
     factory = RunEngineFactory(str(run), images=6)
-    with open_campaign(run, cfg, factory, path=tmp_path / "again.sqlite") as again:
+    predictor = predictor_for_factory(factory, cfg)
+    with open_campaign(run, cfg, factory, path=tmp_path / "again.sqlite",
+                       predictor=predictor) as again:
         assert [(pf.stratum, pf.k, pf.fault) for pf in again.planned()] == first
     rows = cfr_table(run, by="layer", criterion=CRIT)
     engine = factory()

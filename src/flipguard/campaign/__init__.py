@@ -8,6 +8,7 @@ See docs/campaigns.md.
 """
 
 from flipguard.campaign.analysis import cfr_rows, cfr_table, classify_store, parse_by
+from flipguard.campaign.plan_types import SAMPLING_TYPES, Sampling, sampling_type
 from flipguard.campaign.planner import (
     FAULT_MODELS,
     STRATA,
@@ -19,6 +20,7 @@ from flipguard.campaign.planner import (
     draw_faults,
     make_plan,
 )
+from flipguard.campaign.refine import refine_uniform, top_up
 from flipguard.campaign.runner import (
     chunks_of,
     ensure_golden,
@@ -27,7 +29,6 @@ from flipguard.campaign.runner import (
     probe_rate,
     refine,
     run_campaign,
-    top_up,
 )
 from flipguard.campaign.stats import (
     Estimate,
@@ -44,7 +45,8 @@ from flipguard.campaign.store import CampaignStore, StoreError, export, store_pa
 
 __all__ = [
     "FAULT_MODELS", "STRATA", "Plan", "PlanConfig", "PlannedFault", "PlannedStratum",
-    "data_aware_p", "draw_faults", "make_plan", "top_up",
+    "data_aware_p", "draw_faults", "make_plan", "top_up", "refine_uniform",
+    "SAMPLING_TYPES", "Sampling", "sampling_type",
     "CampaignStore", "StoreError", "export", "store_path",
     "chunks_of", "first_faults", "ensure_golden", "open_campaign",
     "probe_rate", "refine", "run_campaign",

@@ -22,20 +22,21 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
+from flipguard.campaign.classify import classify_store, open_store
+from flipguard.campaign.plan_types import UNIFORM, Sampling, sampling_type
 from flipguard.campaign.planner import PlannedFault, PlannedStratum
-from flipguard.campaign.stats import DEFAULT_METHOD, METHODS, check_confidence, stratified
-from flipguard.campaign.store import CampaignStore, StoreError, store_path
+from flipguard.campaign.stats import DEFAULT_METHOD, METHODS, check_confidence
+from flipguard.campaign.store import CampaignStore
 from flipguard.errors import ConfigError
 from flipguard.faults import get_format
+from flipguard.inject import CLASSES, CRITICAL
 
-__all__ = ["BY_KEYS", "CLASSES", "cfr_rows", "cfr_table", "classify_store", "parse_by"]
+__all__ = ["BY_KEYS", "CLASSES", "CRITICAL", "cfr_rows", "cfr_table", "classify_store",
+           "parse_by"]
 
 BY_KEYS = ("layer", "target", "bit", "field", "kernel", "kind")
-CLASSES = ("masked", "sdc-benign", "sdc-critical", "non-finite")
-CRITICAL = ("sdc-critical", "non-finite")
 
 
 def parse_by(by: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -77,8 +78,10 @@ def _cell_population(s: PlannedStratum, g: dict[str, Any], fmt: Any) -> int:
 
 def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFault, str]],
              by: Sequence[str] = ("layer",), confidence: float = 0.99,
-             method: str = DEFAULT_METHOD, fmt: str = "fp32") -> list[dict[str, Any]]:
-    """Rows of CFR per group from ``records`` = (planned fault, class) and the plan strata.
+             method: str = DEFAULT_METHOD, fmt: str = "fp32", sampling: Sampling = UNIFORM
+             ) -> list[dict[str, Any]]:
+    """Rows of CFR per group from ``records`` = (planned fault, class) and the plan strata,
+    estimated as the plan type ``sampling`` prescribes (``sampling_type(plan.sampling)``).
 
     Each row: the group keys, ``n``, ``critical``, ``cfr``, ``ci`` [low, high], ``N``,
     ``margin``, ``n_eff`` (None when enumerated exhaustively), ``uncovered`` (population
@@ -103,7 +106,6 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
         counts[g][pf.stratum][cls] += 1
         audit[g][pf.stratum][cls] += pf.round == 0
         by_round[g][pf.stratum][pf.round][cls] += 1
-    sub = any(s.crit is not None for s in strata)  # criticality-stratified sampling
     layer_pos = {s.layer: i for i, s in reversed(list(enumerate(strata)))}
     order = {"layer": lambda v: layer_pos.get(v, 1 << 30), "bit": lambda v: -v,
              "field": lambda v: form.fields.index(v), "target": str, "kernel": int, "kind": str}
@@ -117,55 +119,17 @@ def cfr_rows(strata: Sequence[PlannedStratum], records: Iterable[tuple[PlannedFa
 
         def est(classes: Sequence[str], cells=cells, per=per, first=audit[g],
                 rounds=by_round[g]):
-            if sub:  # rounds unbiased across adaptive top-ups (docs/criticality.md)
-                from flipguard.criticality.campaign import substrata_estimate
-
-                return substrata_estimate(cells, per, first, classes, confidence, rounds)
-            return stratified([(N, sum(per[s.key].values()),
-                                sum(per[s.key][c] for c in classes)) for s, N in cells],
-                              confidence, method)
+            return sampling.estimate(cells, per, first, rounds, classes, confidence, method)
 
         e = est(CRITICAL)
         row: dict[str, Any] = dict(gd)
         row.update(n=e.n, critical=e.k, cfr=e.p, ci=[e.ci[0], e.ci[1]], N=e.N,
                    margin=e.margin, n_eff=e.n_eff if math.isfinite(e.n_eff) else None,
-                   uncovered=_uncovered(cells, per) if sub else e.uncovered,
-                   sampling="stratified" if sub else "uniform")
+                   uncovered=e.uncovered, sampling=sampling.name)
         for cls in CLASSES:
             row[cls.replace("-", "_")] = est((cls,)).p
         rows.append(row)
     return rows
-
-
-def _uncovered(cells: Sequence[tuple[PlannedStratum, int]], per: dict) -> float:
-    total = sum(N for _, N in cells)
-    return sum(N for s, N in cells if not sum(per[s.key].values())) / total if total else 0.0
-
-
-def classify_store(store: CampaignStore, criterion: str
-                   ) -> list[tuple[PlannedFault, str]]:
-    """Executed faults of ``store`` with their class under ``criterion``."""
-    from flipguard.inject import Outcome, parse_criterion
-
-    crit = parse_criterion(criterion)
-    golden = _golden(store)
-    return [(pf, crit.classify(Outcome.from_dict(d), golden)) for pf, d in store.results()]
-
-
-def _golden(store: CampaignStore) -> Any:
-    from flipguard.inject import Golden
-
-    data = store.get_meta("golden")
-    if data is None:
-        raise StoreError(f"{store.path}: no golden reference recorded (run the campaign first)")
-    return Golden.from_dict(data)
-
-
-def _open(run_or_store: Any) -> tuple[CampaignStore, bool]:
-    if isinstance(run_or_store, CampaignStore):
-        return run_or_store, False
-    path = getattr(run_or_store, "path", run_or_store)
-    return CampaignStore(store_path(Path(path))), True
 
 
 def cfr_table(run_or_store: Any, by: str | Sequence[str] = ("layer",),
@@ -177,12 +141,13 @@ def cfr_table(run_or_store: Any, by: str | Sequence[str] = ("layer",),
 
     ``confidence`` defaults to the planned confidence; see :func:`cfr_rows` for the rows.
     """
-    store, opened = _open(run_or_store)
+    store, opened = open_store(run_or_store)
     try:
         plan = store.definition.get("plan", {})
         conf = float(confidence if confidence is not None else plan.get("confidence", 0.99))
         records = (classify or classify_store)(store, criterion)
-        return cfr_rows(store.strata(), records, by, conf, method, plan.get("fmt", "fp32"))
+        return cfr_rows(store.strata(), records, by, conf, method, plan.get("fmt", "fp32"),
+                        sampling_type(plan.get("sampling", "uniform")))
     finally:
         if opened:
             store.close()

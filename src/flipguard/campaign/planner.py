@@ -333,10 +333,9 @@ def _key(s: PlannedStratum) -> str:
     return ":".join(parts)
 
 
-def make_plan(model: nn.Module, config: PlanConfig, predictor: Any = None) -> Plan:
-    """Strata, populations, priors and sample sizes of ``config`` for ``model``; with
-    ``sampling="stratified"`` the strata are split by the criticality ``predictor``
-    (:func:`flipguard.criticality.campaign.stratify_plan`)."""
+def make_plan(model: nn.Module, config: PlanConfig) -> Plan:
+    """Strata, populations, priors and Leveugle sample sizes of ``config`` for ``model`` (the
+    uniform plan; other plan types build on it, see :mod:`flipguard.campaign.plan_types`)."""
     kinds = config.kinds
     space = SiteSpace(model, targets=config.targets, layers=config.layers, fmt=config.fmt)
     if not space.layers:
@@ -384,8 +383,4 @@ def make_plan(model: nn.Module, config: PlanConfig, predictor: Any = None) -> Pl
                 s.n = int(fixed)
             else:
                 s.n = config.sample_size(s.N, s.p)
-    if config.sampling == "stratified":
-        from flipguard.criticality.campaign import stratify_plan
-
-        return stratify_plan(Plan(config, strata, space), predictor)
     return Plan(config, strata, space)

@@ -26,13 +26,10 @@ from typing import Any
 import torch
 
 from flipguard import __version__
+from flipguard.campaign.plan_types import sampling_type
 from flipguard.campaign.planner import (
-    P_FLOOR,
-    Plan,
     PlanConfig,
     PlannedFault,
-    draw_faults,
-    make_plan,
 )
 from flipguard.campaign.store import CampaignStore, StoreError, store_path, writer_lock
 from flipguard.errors import ConfigError
@@ -40,8 +37,7 @@ from flipguard.layers import evenly_spaced
 
 __all__ = ["Chunk", "chunks_of", "ensure_golden", "execute_chunk",
            "first_faults",
-           "open_campaign", "probe_rate", "refine", "run_campaign",
-           "top_up"]
+           "open_campaign", "probe_rate", "refine", "run_campaign"]
 
 Chunk = tuple[list[int], list[dict[str, Any]]]
 """Executed chunk: fault ids and their ``Outcome.to_dict()`` rows."""
@@ -50,10 +46,11 @@ Progress = Callable[[int, int], None]
 
 
 def open_campaign(run: str | Path, config: PlanConfig, factory: Any, *, fresh: bool = False,
-                  model: torch.nn.Module | None = None,
-                  path: str | Path | None = None) -> CampaignStore:
+                  model: torch.nn.Module | None = None, path: str | Path | None = None,
+                  predictor: Any = None) -> CampaignStore:
     """Open ``RUN/campaign.sqlite`` (or ``path``) for ``config`` (resume), or create it with
-    the planned fault list. A store of another model/dataset/task/plan is refused unless
+    the fault list of the config's plan type (``predictor``: the criticality predictor of a
+    stratified plan). A store of another model/dataset/task/plan is refused unless
     ``fresh``."""
     path = Path(path) if path is not None else store_path(run)
     fps = factory.fingerprints()
@@ -66,13 +63,9 @@ def open_campaign(run: str | Path, config: PlanConfig, factory: Any, *, fresh: b
             store.close()
             raise
         return store
-    predictor = None
-    if config.sampling == "stratified":
-        from flipguard.criticality.campaign import predictor_for_factory
-
-        predictor = predictor_for_factory(factory, config)
     with writer_lock(path):  # a --fresh beside a live `campaign run` fails here, in one line
-        plan = make_plan(model if model is not None else factory.model(), config, predictor)
+        plan = sampling_type(config.sampling).make(
+            model if model is not None else factory.model(), config, predictor)
         definition = {"plan": config.to_dict(), "plan_digest": digest,
                       "model_fingerprint": fps["model"], "data_fingerprint": fps["data"],
                       "task_fingerprint": fps["task"], "flipguard_version": __version__,
@@ -239,56 +232,11 @@ def _run_campaign(store: CampaignStore, factory: Any, engine: Any, workers: int,
 
 
 def refine(store: CampaignStore, model: torch.nn.Module, criterion: str,
-           max_rounds: int = 3) -> int:
-    """One refinement round (at most ``max_rounds``): re-estimate each stratum's ``p`` from
-    the executed faults under ``criterion`` and append the missing faults to reach the planned
-    margin. Returns the number of faults added (0 when every stratum already meets it)."""
-    with writer_lock(store.path):
-        return _refine(store, model, criterion, max_rounds)
-
-
-def _refine(store: CampaignStore, model: torch.nn.Module, criterion: str, max_rounds: int
-            ) -> int:
-    from flipguard.campaign.analysis import CRITICAL, classify_store
-
+           predictor: Any = None, max_rounds: int = 3) -> int:
+    """One refinement round of the store's plan type (at most ``max_rounds``; see
+    :class:`~flipguard.campaign.plan_types.Sampling`), under the store's writer lock.
+    Returns the number of faults added (0 when every stratum already meets its margin)."""
     config = PlanConfig.from_dict(store.definition["plan"])
-    if config.sampling == "stratified":
-        from flipguard.criticality.campaign import refine_stratified
-
-        return refine_stratified(store, model, criterion, max_rounds)
-    plan: Plan = make_plan(model, config)
-    rounds = int(store.get_meta("rounds", 0))
-    if rounds >= max_rounds:
-        return 0
-    observed: dict[str, list[int]] = {}
-    for pf, cls in classify_store(store, criterion):
-        n_k = observed.setdefault(pf.stratum, [0, 0])
-        n_k[0] += 1
-        n_k[1] += cls in CRITICAL
-    new, _ = top_up(plan, {k: (v[0], v[1]) for k, v in observed.items()}, store.done_ks(),
-                    rounds + 1, store.next_fault_id())
-    if new:  # the new faults and the round counter commit together
-        store.add_planned(new, meta={"rounds": rounds + 1})
-    return len(new)
-
-
-def top_up(plan: Plan, observed: dict[str, tuple[int, int]], done_k: dict[str, list[int]],
-           round_: int, start_id: int) -> tuple[list[PlannedFault], dict[str, int]]:
-    """One refinement round: re-estimate each stratum's ``p`` from ``observed[key] = (n, k)``
-    (clamped to [P_FLOOR, 1 - P_FLOOR]), recompute its Leveugle size and draw the missing
-    faults (new ones only, never those in ``done_k``). Returns the new faults and new sizes."""
-    cfg = plan.config
-    new: list[PlannedFault] = []
-    sizes: dict[str, int] = {}
-    for s in plan.strata:
-        n_obs, k_obs = observed.get(s.key, (0, 0))
-        have = len(done_k.get(s.key, ()))
-        p_hat = min(max(k_obs / n_obs if n_obs else 0.5, P_FLOOR), 1 - P_FLOOR)
-        target = cfg.sample_size(s.N, p_hat)
-        sizes[s.key] = max(target, have)
-        if target > have:
-            drawn = draw_faults(plan.space, s, target - have, cfg.seed, cfg.kinds, round_,
-                                done_k.get(s.key, ()))
-            new += [PlannedFault(start_id + len(new) + i, s.key, k, f, kern, round_)
-                    for i, (k, f, kern) in enumerate(drawn)]
-    return new, sizes
+    with writer_lock(store.path):
+        return sampling_type(config.sampling).refine(store, model, criterion, predictor,
+                                                     max_rounds)

@@ -11,12 +11,19 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from flipguard.errors import FlipguardError
 from flipguard.fileio import json_clean
 
 console = Console(stderr=True)
-__all__ = ["cli_errors", "console", "escape", "fail", "print_json"]
+__all__ = ["cli_errors", "console", "escape", "fail", "make_progress", "print_json"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -48,3 +55,10 @@ def print_json(obj: Any) -> None:
     """Write ``obj`` as JSON to stdout (NaN becomes null)."""
     sys.stdout.write(json.dumps(json_clean(obj), indent=2) + "\n")
 
+
+
+def make_progress() -> Progress:
+    """A rich progress bar with rate/ETA on stderr (tasks take an ``info`` field)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)

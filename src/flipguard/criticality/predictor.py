@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flipguard.campaign.substrata import CLASS_LABELS, CLASS_PRIORS
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, SiteSpace, apply_bits, get_format
 from flipguard.fileio import replacing
@@ -37,9 +38,6 @@ from flipguard.layers import forward_hooks
 __all__ = ["CLASS_LABELS", "CLASS_PRIORS", "DEFAULT_EDGES", "EXTREME", "Predictor",
            "classes_of_rho", "criterion_k", "differentiable_score_fn"]
 
-CLASS_LABELS = ("harmless", "low", "borderline", "critical", "extreme")
-CLASS_PRIORS = (0.002, 0.02, 0.2, 0.6, 0.95)
-"""Predicted probability of a critical fault per class before any calibration."""
 DEFAULT_EDGES = (1e-3, 0.1, 1.0)
 EXTREME = len(CLASS_LABELS) - 1
 _VERSION = 1
@@ -130,7 +128,7 @@ class Predictor:
     """Per-site predicted criticality of a model's fault sites (see module docstring).
 
     Build with :meth:`build` (for a run directory:
-    :func:`flipguard.criticality.campaign.predictor_for_run`), then ``rho``/``classes`` per stratum,
+    :func:`flipguard.study.predictors.predictor_for_run`), then ``rho``/``classes`` per stratum,
     ``class_of(faults)`` or ``site_weights(...)`` (predicted probability of a critical
     fault, e.g. for an importance-sampling proposal).
     """

@@ -136,7 +136,7 @@ def calibration_data(run_path: Path, camp: CampaignData | None) -> dict[str, Any
         return None
     from flipguard.campaign.planner import PlanConfig
     from flipguard.campaign.store import CampaignStore, store_path
-    from flipguard.criticality.campaign import calibration_table, predictor_for_run
+    from flipguard.study.predictors import calibration_table, predictor_for_run
 
     stratified = camp.plan.get("sampling", "uniform") == "stratified"
     out: dict[str, Any] = {"criterion": camp.criterion, "confidence": camp.confidence,

@@ -4,7 +4,7 @@
 is a dict with ``criterion``, ``confidence``, ``source`` (``"predictor"``: a uniform
 campaign's faults classified by the run's cached criticality predictor; ``"substrata"``: the
 classes of a criticality-stratified plan) and ``rows`` of
-``flipguard.criticality.campaign.calibration_table``; or ``error`` (a one-line reason) when
+``flipguard.study.predictors.calibration_table``; or ``error`` (a one-line reason) when
 the predictor could not be built.
 """
 

@@ -1,6 +1,6 @@
 """Calibration figure of the criticality predictor: predicted class prior vs observed rate.
 
-Input rows are those of ``flipguard.criticality.campaign.calibration_table`` (``predicted``,
+Input rows are those of ``flipguard.study.predictors.calibration_table`` (``predicted``,
 ``n``, ``critical``, ``observed`` and its ``ci`` as fractions). Both axes are logarithmic
 (the priors span 0.2 % to 95 %); a class with no critical fault is drawn at the axis floor
 (open marker) with its upper interval bound.

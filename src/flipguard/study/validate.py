@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from flipguard.campaign import PlanConfig, open_campaign, run_campaign
+from flipguard.campaign.classify import golden_of
 from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.campaign.store import CampaignStore
 from flipguard.campaign.validation import validate_sfi
@@ -110,9 +111,7 @@ def _classes(store: CampaignStore, crit: Any) -> tuple[np.ndarray, np.ndarray]:
     if counts["done"] < counts["planned"]:
         raise ConfigError(f"{store.path}: exhaustive campaign incomplete "
                           f"({counts['done']}/{counts['planned']}); run validate again")
-    from flipguard.campaign.analysis import _golden
-
-    golden = _golden(store)
+    golden = golden_of(store)
     res = store.results()
     critical = np.array([crit.classify(Outcome.from_dict(d), golden) in CRITICAL
                          for _, d in res], dtype=bool)

@@ -1,95 +1,60 @@
-"""Criticality-stratified campaigns: the glue between the predictor / stratified sampling and
-:mod:`flipguard.campaign` (plan, audit and allocation rounds, CFR rows, calibration).
+"""Criticality-stratified sampling as a plan type of campaigns: every planned stratum is
+split into sub-strata by a predictor's class (keys ``<stratum>:crit=<class>``); round 0 audits
+each with ``min(N_h, AUDIT)`` faults, round 1 draws the allocation planned from the audit among
+the other faults, and further rounds (:func:`refine_stratified`) top up and end with a
+closing round (:func:`flipguard.campaign.topup.plan_round`; the store's meta ``closed``
+lists the strata that had theirs). The CFR of the rounds is estimated without bias across
+them (:mod:`flipguard.campaign.sequential`, :func:`substrata_estimate`).
 
-A ``--sampling stratified`` plan splits every planned stratum into sub-strata by predicted
-class (keys ``<stratum>:crit=<class>``); round 0 audits each with ``min(N_h, AUDIT)`` faults,
-round 1 draws the allocation planned from the audit among the other faults, and further
-rounds (``campaign run``: :func:`refine_stratified`) top up and end with a closing round
-(:func:`flipguard.criticality.topup.plan_round`; the store's meta ``closed`` lists the
-strata that had theirs). The CFR of the rounds is estimated without bias across them
-(:mod:`flipguard.criticality.sequential`, :func:`substrata_estimate`).
+The predictor is any object with ``classes(layer, bit, kernel, bits, target, kinds)`` (one
+class per stratum-local fault), e.g. :class:`flipguard.criticality.Predictor`.
 
->>> rows = calibration_table("runs/demo")   # doctest: +SKIP
+>>> history(500, {0: [30, 1], 2: [40, 2], 1: [100, 3]}).rounds
+(1, 2)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flipguard.campaign.planner import Plan, PlanConfig, PlannedFault, PlannedStratum
-from flipguard.campaign.stats import Estimate, t_value, wilson
-from flipguard.criticality.predictor import CLASS_LABELS, CLASS_PRIORS, Predictor
-from flipguard.criticality.sequential import History, sequential_estimate
-from flipguard.criticality.stratified import (
+from flipguard.campaign.analysis import classify_store
+from flipguard.campaign.planner import Plan, PlanConfig, PlannedFault, PlannedStratum, make_plan
+from flipguard.campaign.sequential import History, sequential_estimate
+from flipguard.campaign.stats import Estimate, t_value
+from flipguard.campaign.substrata import (
+    CLASS_LABELS,
+    CLASS_PRIORS,
     allocate,
     draw,
     plan_rates,
-    split_key,
     substratum_key,
 )
-from flipguard.criticality.topup import plan_round
+from flipguard.campaign.topup import plan_round
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault
+from flipguard.inject import CRITICAL
 
-__all__ = ["AUDIT", "StratifiedPlan", "calibration_table", "history", "predictor_for_factory",
-           "predictor_for_run", "refine_stratified", "stratify_plan", "substrata_estimate"]
+__all__ = ["AUDIT", "StratifiedPlan", "history", "refine_stratified", "stratify_plan",
+           "substrata_estimate"]
 
 AUDIT = 30
 """Faults audited in every sub-stratum in round 0 (all of them when fewer)."""
-_CRITICAL = ("sdc-critical", "non-finite")
 
 
-def predictor_for_run(run: str | Path, images: int | None = None,
-                      criterion: str = "accuracy-drop:0.01", *,
-                      targets: Sequence[str] = ("weight",),
-                      layers: Sequence[str] | None = None, fmt: str = "fp32",
-                      kinds: Sequence[str] = ("flip",), data_dir: str | None = None,
-                      max_images: int = 64, cache: bool = True) -> Predictor:
-    """Predictor of a run directory on the images the campaign engine evaluates, cached in
-    ``RUN/criticality/<digest>.pt`` (keyed by model, data and task fingerprints and options)."""
-    from flipguard.inject import DetectionTask
-    from flipguard.study.engines import RunEngineFactory
-
-    factory = RunEngineFactory(str(run), images=images, fmt=fmt, data_dir=data_dir)
-    parts = factory.parts()
-    r, inputs, labels = parts.run, parts.inputs, parts.labels
-    key = {"fp": factory.fingerprints(), "criterion": criterion, "targets": list(targets),
-           "layers": None if layers is None else list(layers), "max_images": max_images,
-           "kinds": list(kinds), "version": 1}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(run) / "criticality" / f"{digest}.pt"
-    if cache and path.is_file():
-        return Predictor.load(path, r.model, layers=layers)
-    pred = Predictor.build(r.model, inputs, DetectionTask(r.scorer.scores, r.threshold, labels),
-                           criterion, targets=targets, layers=layers, fmt=fmt,
-                           max_images=max_images, kinds=kinds)
-    if cache:
-        pred.save(path)
-    return pred
-
-
-def predictor_for_factory(factory: Any, config: PlanConfig) -> Predictor:
-    """Predictor for a campaign of ``config`` run by a ``RunEngineFactory``."""
-    if not hasattr(factory, "run"):
-        raise ConfigError("sampling: 'stratified' needs a run directory (the predictor "
-                          "evaluates the run's images)")
-    return predictor_for_run(factory.run, factory.images, config.criterion,
-                             targets=config.targets, layers=config.layers, fmt=config.fmt,
-                             kinds=config.kinds, data_dir=getattr(factory, "data_dir", None))
+def predictor_labels(predictor: Any) -> Sequence[str]:
+    """The class labels of ``predictor`` (the default classes when it names none)."""
+    return getattr(predictor, "labels", CLASS_LABELS)
 
 
 @dataclass
 class StratifiedPlan(Plan):
     """A plan whose strata are criticality sub-strata; ``faults()`` draws within classes."""
 
-    predictor: Predictor | None = field(default=None, repr=False)
+    predictor: Any = field(default=None, repr=False)
     parents: list[PlannedStratum] = field(default_factory=list, repr=False)
     classes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -126,14 +91,14 @@ class StratifiedPlan(Plan):
             more = allocate(N, [s.p for s in subs], cfg.error, cfg.confidence, AUDIT, n0=n0)
             rows.append({"key": par.key, "N": par.N, "uniform_n": par.n,
                          "stratified_n": int(sum(n0) + more.sum()),
-                         "classes": {CLASS_LABELS[s.crit]: s.N for s in subs}})
+                         "classes": {predictor_labels(self.predictor)[s.crit]: s.N for s in subs}})
         d.update(sampling="stratified", parents=rows,
                  uniform_total=sum(r["uniform_n"] for r in rows),
                  predicted_total=sum(r["stratified_n"] for r in rows))
         return d
 
 
-def stratify_plan(plan: Plan, predictor: Predictor | None) -> StratifiedPlan:
+def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
     """Split every stratum of ``plan`` into criticality sub-strata (``n`` = the audit)."""
     if predictor is None:
         raise ConfigError("sampling: 'stratified' needs a run directory (the predictor "
@@ -167,19 +132,17 @@ def stratify_plan(plan: Plan, predictor: Predictor | None) -> StratifiedPlan:
 
 def _observed(store: Any, criterion: str) -> dict[str, dict[int, list[int]]]:
     """Per sub-stratum key and round: ``[n, k]`` of the executed faults."""
-    from flipguard.campaign.analysis import classify_store
-
     out: dict[str, dict[int, list[int]]] = {}
     for pf, cls in classify_store(store, criterion):
         v = out.setdefault(pf.stratum, {}).setdefault(int(pf.round), [0, 0])
         v[0] += 1
-        v[1] += cls in _CRITICAL
+        v[1] += cls in CRITICAL
     return out
 
 
 def history(N: int, by_round: dict[int, Any], prior: float = 0.0,
             classes: Sequence[str] | None = None) -> History:
-    """:class:`~flipguard.criticality.sequential.History` of ``N`` faults from per-round
+    """:class:`~flipguard.campaign.sequential.History` of ``N`` faults from per-round
     counts: ``by_round[r]`` is ``[n, k]``, or (with ``classes``) a ``{class: count}`` mapping
     whose ``classes`` count as critical. Round 0 is the audit; ``fill`` is the rate seen.
 
@@ -199,20 +162,14 @@ def history(N: int, by_round: dict[int, Any], prior: float = 0.0,
                    tuple(b for _, _, b in later), k_all / n_all if n_all else 0.5, float(prior))
 
 
-def refine_stratified(store: Any, model: Any, criterion: str, max_rounds: int = 3) -> int:
+def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
+                      max_rounds: int = 3) -> int:
     """Next round of a stratified campaign: round 1 draws the allocation planned from the
     audit; later rounds top up each stratum and end with its closing round
-    (:func:`~flipguard.criticality.topup.plan_round`, forced at round ``max_rounds + 1``).
+    (:func:`~flipguard.campaign.topup.plan_round`, forced at round ``max_rounds + 1``).
     Returns the number of faults added (0 once every stratum is closed)."""
-    from flipguard.campaign.planner import make_plan
-    from flipguard.study.engines import RunEngineFactory
-
     config = PlanConfig.from_dict(store.definition["plan"])
-    eng = store.definition.get("engine", {})
-    factory = RunEngineFactory(eng["run"], eng.get("images"), eng.get("fmt", "fp32"),
-                               eng.get("data_dir"))
-    plan = make_plan(model, config, predictor=predictor_for_factory(factory, config))
-    assert isinstance(plan, StratifiedPlan)
+    plan = stratify_plan(make_plan(model, config), predictor)
     rounds = int(store.get_meta("rounds", 0))
     closed = set(store.get_meta("closed", []))
     if rounds > max_rounds:
@@ -257,7 +214,7 @@ def substrata_estimate(cells: Sequence[tuple[Any, int]], per: dict, first: dict,
     """CFR rows' estimate over sub-strata cells ``(stratum, N_c)``: ``per[key][cls]`` counts
     all executed faults of the cell, ``first[key][cls]`` those of the audit round and
     ``rounds[key][r][cls]`` those of round ``r`` (0 = the audit). With ``rounds`` the
-    estimator is unbiased across all rounds (:mod:`flipguard.criticality.sequential`; a cell
+    estimator is unbiased across all rounds (:mod:`flipguard.campaign.sequential`; a cell
     is a domain of its sub-stratum, post-stratified per round); without, the rounds after the
     audit are pooled (exact only with a single one). ``var`` is the variance estimate,
     ``n_eff`` the size whose binomial variance matches the margin."""
@@ -276,38 +233,3 @@ def substrata_estimate(cells: Sequence[tuple[Any, int]], per: dict, first: dict,
     return Estimate(e.p, e.var, e.margin, e.ci, e.n, e.k, e.N, n_eff)
 
 
-def calibration_table(run_or_store: Any, criterion: str = "accuracy-drop:0.01",
-                      confidence: float = 0.95,
-                      predictor: Predictor | None = None) -> list[dict[str, Any]]:
-    """Predicted vs observed criticality of a campaign's executed faults, one row per
-    predicted class: ``class``, ``label``, ``predicted`` (prior), ``n``, ``critical``,
-    ``observed`` rate and its Wilson ``ci``. A uniform campaign's faults are classified by
-    ``predictor`` (default: the run's cached predictor)."""
-    from flipguard.campaign.analysis import _open, classify_store
-
-    store, opened = _open(run_or_store)
-    try:
-        records = classify_store(store, criterion)
-        if records and split_key(records[0][0].stratum)[1] is not None:
-            cls = np.array([split_key(pf.stratum)[1] for pf, _ in records], dtype=np.int64)
-        else:
-            if predictor is None:
-                d = store.definition
-                eng, plan = d.get("engine", {}), d.get("plan", {})
-                predictor = predictor_for_run(
-                    eng["run"], eng.get("images"), criterion,
-                    targets=plan.get("targets", ["weight"]), fmt=plan.get("fmt", "fp32"),
-                    kinds=PlanConfig.from_dict(plan).kinds, data_dir=eng.get("data_dir"))
-            cls = predictor.class_of([pf.fault for pf, _ in records]).astype(np.int64)
-        crit = np.array([c in _CRITICAL for _, c in records], dtype=bool)
-    finally:
-        if opened:
-            store.close()
-    rows = []
-    for h, label in enumerate(CLASS_LABELS):
-        sel = cls == h if len(records) else np.zeros(0, bool)
-        n, k = int(sel.sum()), int(crit[sel].sum()) if len(records) else 0
-        lo, hi = wilson(k, n, confidence)
-        rows.append({"class": h, "label": label, "predicted": CLASS_PRIORS[h], "n": n,
-                     "critical": k, "observed": k / n if n else None, "ci": [lo, hi]})
-    return rows

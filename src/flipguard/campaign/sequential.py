@@ -33,7 +33,7 @@ stops sooner and keeps its underestimate).
 Weights (:func:`weights`): a round that is not the last gets ``λ =`` :func:`share`, at most
 :data:`PILOT_MAX` for the allocation round (round 1) and :data:`TOPUP` for a top-up; the last
 round the rest. A sequential campaign therefore ends with a closing round announced before it
-is drawn (:func:`flipguard.criticality.topup.plan_round`); a stopping rule that looked at the
+is drawn (:func:`flipguard.campaign.topup.plan_round`); a stopping rule that looked at the
 last round's own outcome would bias any weighting of it.
 
 >>> h = History(N=1000, n0=30, k0=0, rounds=(1, 2), n=(100, 50), k=(2, 1), prior=0.002)

@@ -1,13 +1,13 @@
 """Planning the rounds after the allocation round: top-ups and the closing round.
 
-The estimator (:mod:`flipguard.criticality.sequential`) is unbiased only if every round's
+The estimator (:mod:`flipguard.campaign.sequential`) is unbiased only if every round's
 weight, and whether it is the last, are fixed before it is drawn. :func:`plan_round` therefore
 decides, from the rounds so far, both the sizes of the next round and whether it closes: it
 closes when its own part of the predicted squared margin is small (:data:`CLOSE_SHARE`), so
 that its outcome can move the final margin little; otherwise it is a top-up (weight at most
 ``TOPUP`` of what is left) and a closing round follows.
 
->>> from flipguard.criticality.sequential import History
+>>> from flipguard.campaign.sequential import History
 >>> h = [History(20000, 30, 0, (1,), (900,), (3,), prior=0.002),
 ...      History(2000, 30, 2, (1,), (200,), (9,), prior=0.02)]
 >>> x, closes = plan_round(h, [0.0035, 0.048], 0.004, 0.95)
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flipguard.criticality.sequential import History, _part, as_arrays, sums, weights
+from flipguard.campaign.sequential import History, _part, as_arrays, sums, weights
 
 __all__ = ["CLOSE_SHARE", "SAFETY", "plan_round"]
 

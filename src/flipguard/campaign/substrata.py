@@ -7,9 +7,9 @@ its own seeded generator, so a wrong predictor costs precision, never correctnes
 
 Rounds: 0 audits every sub-stratum; 1 draws the allocation planned from the audit; a
 sequential design (``run_stratified(sequential=True)``, ``campaign run --refine``) then tops
-up and always ends with a closing round (:func:`flipguard.criticality.topup.plan_round`).
+up and always ends with a closing round (:func:`flipguard.campaign.topup.plan_round`).
 
-Estimator (:mod:`flipguard.criticality.sequential`): per sub-stratum the audited faults count
+Estimator (:mod:`flipguard.campaign.sequential`): per sub-stratum the audited faults count
 as themselves and every later round's Horvitz–Thompson estimate of the faults not drawn
 before it is combined with weights fixed before the round is drawn, which is exactly unbiased
 across adaptive rounds; ``p = sum W_h p_h``, ``W_h = N_h / N``. With one round after the audit
@@ -43,13 +43,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flipguard.campaign.sequential import History, sequential_estimate
 from flipguard.campaign.stats import METHODS, interval, mover, wilson
-from flipguard.criticality.predictor import CLASS_PRIORS
-from flipguard.criticality.sequential import History, sequential_estimate
-from flipguard.criticality.topup import plan_round
+from flipguard.campaign.topup import plan_round
 from flipguard.errors import ConfigError
 
-__all__ = ["Cell", "StratEstimate", "StratifiedResult", "allocate", "cell_interval", "draw",
+CLASS_LABELS = ("harmless", "low", "borderline", "critical", "extreme")
+"""Predicted criticality classes of stratified sampling, least to most critical."""
+CLASS_PRIORS = (0.002, 0.02, 0.2, 0.6, 0.95)
+"""Prior critical rate of each class (used to plan the audit and before data)."""
+
+__all__ = ["CLASS_LABELS", "CLASS_PRIORS", "Cell", "StratEstimate", "StratifiedResult",
+           "allocate", "cell_interval", "draw",
            "estimate", "neyman", "plan_rates", "predicted_margin", "run_stratified", "split_key",
            "sub_interval", "substratum_key", "substratum_rng"]
 
@@ -278,7 +283,7 @@ class StratifiedResult:
         return int(sum(self.n0) + sum(self.n))
 
     def histories(self) -> list[History]:
-        """Per class with faults: its :class:`~flipguard.criticality.sequential.History`."""
+        """Per class with faults: its :class:`~flipguard.campaign.sequential.History`."""
         pri = np.resize(np.asarray(self.priors, dtype=np.float64), len(self.N))
         out = []
         for h, (a, b, c) in enumerate(zip(self.N, self.n0, self.k0, strict=True)):
@@ -310,8 +315,8 @@ def run_stratified(classes: np.ndarray, evaluate: Callable[[np.ndarray], np.ndar
     draws the allocation planned from the audit (:func:`plan_rates`, :func:`allocate`)
     among the other faults (the two-phase design, the last round unless ``sequential``).
     ``sequential``: top-ups planned from all rounds so far, ending with a closing round
-    (:func:`~flipguard.criticality.topup.plan_round`, at most ``max_rounds``); the
-    estimate is unbiased across the rounds (:mod:`flipguard.criticality.sequential`).
+    (:func:`~flipguard.campaign.topup.plan_round`, at most ``max_rounds``); the
+    estimate is unbiased across the rounds (:mod:`flipguard.campaign.sequential`).
 
     >>> cls = np.repeat([0, 3], [900, 100]); truth = np.arange(1000) % 50 == 0
     >>> res = run_stratified(cls, lambda j: truth[j], error=0.02, confidence=0.9,
