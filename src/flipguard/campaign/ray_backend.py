@@ -18,13 +18,13 @@ Example::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from flipguard.campaign.planner import PlannedFault
 from flipguard.errors import ConfigError, FlipguardError
 
-__all__ = ["RayError", "ray_chunks"]
+__all__ = ["RayError", "ray_chunks", "ray_map"]
 
 
 class RayError(FlipguardError):
@@ -64,15 +64,42 @@ def _init(ray: Any, address: str, workers: int) -> bool:
     return True
 
 
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RayError("--ray: Ray is not installed (pip install 'flipguard[ray]')") from None
+    return ray
+
+
+def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], address: str = "local",
+            workers: int = 1, poll: Callable[[], None] | None = None) -> list[Any]:
+    """``[fn(*args) for args in calls]`` as Ray tasks (one CPU each, ``workers`` CPUs for a
+    local cluster), calling ``poll()`` about once a second while they run."""
+    ray = _ray()
+    if not address:
+        raise ConfigError("--ray: expected auto, local or a cluster address")
+    started = _init(ray, address, workers)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(fn)
+        refs = [task.remote(*args) for args in calls]
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            if poll is not None:
+                poll()
+        return ray.get(refs)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def ray_chunks(factory: Any, chunks: Iterable[list[PlannedFault]], address: str = "local",
                workers: int = 1) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
     """Run ``chunks`` (consumed lazily) on Ray actors (``workers`` of them; 1 with
     ``address="auto"`` or an address means one per cluster CPU) and yield
     ``(fault_ids, outcome_dicts)`` as they end."""
-    try:
-        import ray
-    except ImportError:
-        raise RayError("--ray: Ray is not installed (pip install 'flipguard[ray]')") from None
+    ray = _ray()
     if not address:
         raise ConfigError("--ray: expected auto, local or a cluster address")
     queue = iter(chunks)
