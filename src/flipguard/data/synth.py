@@ -116,7 +116,7 @@ def _generate(root: Path, n_train: int, n_test: int, size: int, seed: int, frac:
         stem = f"{per_kind[kind]:03d}"
         per_kind[kind] += 1
         if kind != "good":
-            mask, delta = _DRAWERS[kind](rng, size)
+            mask, delta = DEFECT_DRAWERS[kind](rng, size)
             img = np.where(mask, np.clip(img + delta, 0.0, 1.0), img)
             _save_png(mask.astype(np.float64), root / "ground_truth" / kind / f"{stem}_mask.png")
         _save_png(img, root / "test" / kind / f"{stem}.png")
@@ -238,7 +238,7 @@ def _blob(rng: np.random.Generator, s: int) -> tuple[np.ndarray, float]:
     return _finish(im), _sign(rng) * rng.uniform(0.25, 0.4)
 
 
-_DRAWERS: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, float]]] = {
+DEFECT_DRAWERS: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, float]]] = {
     "scratch": _scratch,
     "crack": _crack,
     "blob": _blob,
