@@ -21,6 +21,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from flipguard.campaign.chunks import execute_chunk
 from flipguard.campaign.planner import PlannedFault
 from flipguard.errors import ConfigError, FlipguardError
 
@@ -41,8 +42,6 @@ class _Worker:
         self.engine = factory()
 
     def run(self, chunk: list[PlannedFault]) -> tuple[list[int], list[dict[str, Any]]]:
-        from flipguard.campaign.runner import execute_chunk
-
         return execute_chunk(self.engine, chunk)
 
 

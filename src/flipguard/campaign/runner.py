@@ -16,7 +16,6 @@ Example (``factory``: any picklable engine recipe with ``model()``, ``fingerprin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,11 +25,13 @@ from typing import Any
 import torch
 
 from flipguard import __version__
+from flipguard.campaign.chunks import Chunk, chunks_of, execute_chunk, first_faults
 from flipguard.campaign.plan_types import sampling_type
 from flipguard.campaign.planner import (
     PlanConfig,
     PlannedFault,
 )
+from flipguard.campaign.ray_backend import ray_chunks
 from flipguard.campaign.store import CampaignStore, StoreError, store_path, writer_lock
 from flipguard.errors import ConfigError
 from flipguard.layers import evenly_spaced
@@ -39,8 +40,6 @@ __all__ = ["Chunk", "chunks_of", "ensure_golden", "execute_chunk",
            "first_faults",
            "open_campaign", "probe_rate", "refine", "run_campaign"]
 
-Chunk = tuple[list[int], list[dict[str, Any]]]
-"""Executed chunk: fault ids and their ``Outcome.to_dict()`` rows."""
 Progress = Callable[[int, int], None]
 """progress(done, total)."""
 
@@ -80,46 +79,6 @@ def _describe(factory: Any) -> dict[str, Any]:
         return {"factory": type(factory).__name__, **asdict(factory)}
     except TypeError:
         return {"factory": type(factory).__name__}
-
-
-def chunks_of(faults: Sequence[PlannedFault], chunk: int = 32, seed: int = 0
-              ) -> list[list[PlannedFault]]:
-    """Split faults into single-layer runs of ``chunk`` in an order that makes any stopping
-    point a fair partial campaign: within a layer the faults follow a pseudo-random
-    permutation keyed by ``(seed, fault_id)`` (so every prefix is a uniform subsample of the
-    stratum's plan, and the order of the remaining faults is the same after a resume), and
-    the chunks go round-robin over the layers (every layer advances at the same pace)."""
-    if chunk < 1:
-        raise ConfigError(f"chunk: expected >= 1, got {chunk}")
-    runs = []
-    for g, members in enumerate(_permuted(faults, seed)):
-        runs += [((i // chunk, g), members[i:i + chunk]) for i in range(0, len(members), chunk)]
-    return [c for _, c in sorted(runs, key=lambda r: r[0])]
-
-
-def first_faults(faults: Sequence[PlannedFault], k: int, seed: int = 0) -> list[PlannedFault]:
-    """The ``k`` faults a limited run executes: one per layer in turn, each layer's in the
-    permuted order of :func:`chunks_of` (every layer advances, a uniform subsample of each)."""
-    groups = _permuted(faults, seed)
-    order = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
-    return order[:k]
-
-
-def _permuted(faults: Sequence[PlannedFault], seed: int) -> list[list[PlannedFault]]:
-    groups: dict[tuple[str, str], list[PlannedFault]] = {}
-    for pf in sorted(faults, key=lambda f: f.fault_id):
-        groups.setdefault((pf.fault.layer, pf.fault.target), []).append(pf)
-    return [sorted(g, key=lambda pf: _order_key(seed, pf.fault_id)) for g in groups.values()]
-
-
-def _order_key(seed: int, fault_id: int) -> bytes:
-    return hashlib.blake2b(f"{seed}:{fault_id}".encode(), digest_size=8).digest()
-
-
-def execute_chunk(engine: Any, chunk: Sequence[PlannedFault]) -> Chunk:
-    """Run one chunk with ``engine``: fault ids and outcome dicts."""
-    outcomes = engine.run([pf.fault for pf in chunk])
-    return [pf.fault_id for pf in chunk], [o.to_dict() for o in outcomes]
 
 
 def _local(engine: Any, chunks: Iterable[list[PlannedFault]]) -> Iterator[Chunk]:
@@ -210,8 +169,6 @@ def _run_campaign(store: CampaignStore, factory: Any, engine: Any, workers: int,
     if engine is not None:
         ensure_golden(store, engine)
     if ray is not None:
-        from flipguard.campaign.ray_backend import ray_chunks
-
         stream = ray_chunks(factory, (c for page in pages for c in page), address=ray,
                             workers=workers)
     elif workers > 1:

@@ -8,10 +8,13 @@ import typer
 from rich.table import Table
 
 from flipguard.cli._common import cli_errors, console, escape, print_json
+from flipguard.cli._core import make_progress
+from flipguard.errors import ConfigError
+from flipguard.study.engines import RunEngineFactory
+from flipguard.study.validate import ValidateOptions, validate_run
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
-    from flipguard.errors import ConfigError
 
     try:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
@@ -39,9 +42,6 @@ def validate(
 ) -> None:
     """Inject every fault of LAYER once (RUN/validate/LAYER.sqlite, resumable), then compare
     SFI estimates and intervals at each margin with the exhaustive CFR."""
-    from flipguard.cli._core import make_progress
-    from flipguard.study.engines import RunEngineFactory
-    from flipguard.study.validate import ValidateOptions, validate_run
 
     opts = ValidateOptions(
         layer=layer, images=images, margins=_floats(margins, "--margins"),

@@ -35,6 +35,7 @@ from flipguard.faults import (
     get_format,
     is_noop,
     kernel_ids,
+    noop_mask,
 )
 from flipguard.inject.graph import same_rows
 
@@ -199,7 +200,6 @@ def activation_fault(out: Tensor, fault: Fault, fmt: str | NumberFormat = "fp32"
     vals = flat[:, fault.index]
     new = apply_fault(vals, fault, f)
     if fault.kind != "flip":
-        from flipguard.faults import noop_mask
 
         keep = noop_mask(vals, fault.mask, fault.kind, f)
         new = torch.where(keep, vals, new)

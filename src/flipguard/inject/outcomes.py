@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from flipguard.errors import ConfigError
+from flipguard.metrics import image_auroc
 
 __all__ = ["Outcome", "Golden", "Criterion", "parse_criterion", "classify", "CLASSES",
            "CRITICAL", "as_arrow", "register_criterion"]
@@ -233,7 +234,6 @@ class _AurocDrop(Criterion):
     def _certain(self, o: Outcome, g: Golden, remaining: np.ndarray, facts: np.ndarray) -> bool:
         if g.auroc is None or g.labels is None or g.kind != "detection":
             return False
-        from flipguard.metrics import image_auroc
 
         best = np.asarray(facts, dtype=np.float64).copy()  # remaining: ideal scores
         pos = g.labels > 0
