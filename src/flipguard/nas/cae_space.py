@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from flipguard.errors import ConfigError
+from flipguard.models import CAEConfig, build_cae
 from flipguard.nas.activations import ACTIVATIONS, make_activation
 from flipguard.nas.space import Param, SearchSpace
 
@@ -148,7 +149,6 @@ class CAESpace(SearchSpace):
 
     def baseline(self, input_shape: Sequence[int], seed: int = 0) -> nn.Module:
         """The default CAE at this input size (width 1, latent 100, vector bottleneck)."""
-        from flipguard.models import CAEConfig, build_cae
 
         return build_cae(CAEConfig(input_size=int(input_shape[-1]),
                                    channels=int(input_shape[0]), seed=int(seed)))

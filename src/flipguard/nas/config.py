@@ -15,6 +15,7 @@ from typing import Any
 
 from flipguard.errors import ConfigError
 from flipguard.nas.objectives import DIRECTIONS, OBJECTIVES, Fidelity, Settings
+from flipguard.ra import parse_hardware
 
 __all__ = ["NASConfig", "SAMPLERS", "resolve_hardware", "parse_objectives"]
 
@@ -33,7 +34,6 @@ def resolve_hardware(text: str) -> str:
     t = str(text).strip()
     if t.endswith(".toml") and not t.startswith("systolic:"):
         t = f"systolic:{t}"
-    from flipguard.ra import parse_hardware
 
     parse_hardware(t)
     return t

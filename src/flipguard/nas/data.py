@@ -24,7 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flipguard.data import split_validation
+from flipguard.data.defects import paste_defects
 from flipguard.errors import ConfigError
+from flipguard.fileio import replacing
 from flipguard.fingerprint import tensor_fingerprint
 
 __all__ = ["SearchData", "classification_data", "detection_data", "load_bundle", "save_bundle"]
@@ -63,8 +66,6 @@ def detection_data(train_images: Tensor, val_fraction: float = 0.2, split_seed: 
     copy of every validation image (module docstring). The held-out part
     (``round(n * val_fraction)``, at least 8 images) is halved: the first half (in a seeded
     order) calibrates, the second is validated."""
-    from flipguard.data import split_validation
-    from flipguard.data.defects import paste_defects
 
     n = int(train_images.shape[0])
     if n < 12:
@@ -94,7 +95,6 @@ def detection_data(train_images: Tensor, val_fraction: float = 0.2, split_seed: 
 def classification_data(inputs: Tensor, labels: Tensor, val_fraction: float = 0.2,
                         split_seed: int = 0) -> SearchData:
     """Seeded train / validation split of labelled training inputs."""
-    from flipguard.data import split_validation
 
     if labels.dim() != 1 or labels.shape[0] != inputs.shape[0] or labels.is_floating_point():
         raise ConfigError(f"--data: expected one integer label per input, got labels of shape "
@@ -113,7 +113,6 @@ _TENSORS = ("train", "val", "calib", "calib_bad", "val_masks", "train_labels")
 
 def save_bundle(data: SearchData, path: str | Path) -> None:
     """Write ``data`` to one ``.pt`` file (atomic) for worker processes."""
-    from flipguard.fileio import replacing
 
     blob: dict[str, Any] = {k: getattr(data, k) for k in _TENSORS if getattr(data, k) is not None}
     blob["val_labels"] = torch.as_tensor(data.val_labels)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flipguard.fileio import replacing
 from flipguard.nas.activations import LearnedClip, make_activation
 from flipguard.nas.space import Param, SearchSpace
 
@@ -80,7 +81,6 @@ def write_digits_data(path: str | Path, seed: int = 0, n_test: int = 500) -> Pat
     ``n_test`` of a seeded permutation)."""
     from sklearn.datasets import load_digits
 
-    from flipguard.fileio import replacing
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0

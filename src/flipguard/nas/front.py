@@ -22,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from flipguard.data import load_mvtec
+from flipguard.detect import evaluate_detector
+from flipguard.fileio import atomic_write, json_clean
 from flipguard.nas.config import NASConfig
-from flipguard.nas.objectives import DIRECTIONS, objective_values
+from flipguard.nas.objectives import DIRECTIONS, calibrated_detector, objective_values
 from flipguard.nas.pareto import dominates, pareto_front
-from flipguard.nas.search import Context, screen, storage_url
+from flipguard.nas.search import Context, _load_pt, screen, storage_url
 
 __all__ = ["baseline_dominated_by", "complete_trials", "final_stage", "rank_agreement",
            "select_spread", "study_front"]
@@ -133,9 +136,6 @@ def _test_metrics(ctx: Context, arch: dict[str, Any] | None, work: Path,
                   test: Any) -> dict[str, Any]:
     import torch
 
-    from flipguard.detect import evaluate_detector
-    from flipguard.fileio import atomic_write, json_clean
-    from flipguard.nas.objectives import calibrated_detector
 
     path = work / "test.json"
     if path.is_file():
@@ -159,10 +159,8 @@ def _test_metrics(ctx: Context, arch: dict[str, Any] | None, work: Path,
 
 def _load_test(cfg: NASConfig, task: str) -> Any:
     if task == "detection":
-        from flipguard.data import load_mvtec
 
         return load_mvtec(cfg.data, category=cfg.category, size=cfg.size)
-    from flipguard.nas.search import _load_pt
 
     blob = _load_pt(cfg.data)
     if "test_inputs" not in blob or "test_labels" not in blob:

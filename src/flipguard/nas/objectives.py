@@ -28,10 +28,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from flipguard.detect import ScoreConfig, Scorer, evaluate_detector, fit_map_stats, reconstruct
 from flipguard.errors import ConfigError
-from flipguard.fingerprint import tensor_fingerprint
+from flipguard.fileio import replacing
+from flipguard.fingerprint import state_fingerprint, tensor_fingerprint
+from flipguard.inject import ClassificationTask, DetectionTask, Engine
+from flipguard.layers import evenly_spaced
 from flipguard.nas.cost import count_macs, count_parameters, memory_bits
 from flipguard.nas.data import SearchData
+from flipguard.ra import (
+    PROPOSALS,
+    AdaptiveProposal,
+    RAConfig,
+    RAStore,
+    register_proposal,
+    resiliency_accuracy,
+)
+from flipguard.threshold import THRESHOLD_METHODS, calibrate_threshold
+from flipguard.train import TrainConfig, train_model
 
 __all__ = ["Fidelity", "Settings", "evaluate_network", "OBJECTIVES", "DIRECTIONS",
            "QUALITY_METRICS", "calibrated_detector", "objective_values", "synthetic_threshold",
@@ -49,7 +63,6 @@ RA_KEEP = ("ra", "ci", "half_width", "target_margin", "confidence", "accuracy_dr
 def _register_proposal() -> None:
     """``adaptive-bitfield``: the adaptive proposal started from the free bit-field
     heuristic (no criticality predictor: cheap enough for every trial)."""
-    from flipguard.ra import PROPOSALS, AdaptiveProposal, register_proposal
 
     if "adaptive-bitfield" not in PROPOSALS:
         register_proposal("adaptive-bitfield", lambda **kw: AdaptiveProposal(start="bitfield"))
@@ -92,7 +105,6 @@ class Settings:
                               f"{self.quality!r}")
         if not self.hardware:
             raise ConfigError("--hardware: expected at least one exposure model")
-        from flipguard.threshold import THRESHOLD_METHODS
 
         method = self.threshold.get("method", "synthetic")
         if method not in ("synthetic", *THRESHOLD_METHODS):
@@ -103,7 +115,6 @@ class Settings:
         self.ra_config(self.hardware[0], Fidelity(1)).validate()
 
     def ra_config(self, hardware: str, fid: Fidelity) -> Any:
-        from flipguard.ra import RAConfig
 
         _register_proposal()
         return RAConfig(hardware=hardware, estimator=self.estimator, proposal=self.proposal,
@@ -145,7 +156,6 @@ def _train(model: nn.Module, space: Any, data: SearchData, s: Settings, epochs: 
     if callable(custom):
         custom(model, data, epochs, s.seed)
     elif data.task == "detection":
-        from flipguard.train import TrainConfig, train_model
 
         cfg = {"lr": 1e-3, "batch_size": 32, "loss": "l2+ssim", **s.train}
         train_model(model, data.train, TrainConfig(epochs=epochs, seed=s.seed, **cfg))
@@ -188,14 +198,6 @@ def calibrated_detector(model: nn.Module, data: SearchData, s: Settings
     otherwise :func:`flipguard.threshold.calibrate_threshold` on the normal ones only (e.g.
     ``{"method": "tail", "fpr": 0.05}``, the deployment rule of ``flipguard train``). The
     metrics are those of the validation set."""
-    from flipguard.detect import (
-        ScoreConfig,
-        Scorer,
-        evaluate_detector,
-        fit_map_stats,
-        reconstruct,
-    )
-    from flipguard.threshold import calibrate_threshold
 
     side = int(data.train.shape[-1])
     score = {"smooth_sigma": round(4.0 * side / 128, 3), **s.score}
@@ -220,8 +222,6 @@ def calibrated_detector(model: nn.Module, data: SearchData, s: Settings
 
 
 def _engine(model: nn.Module, data: SearchData, s: Settings, scorer: Any, thr: float):
-    from flipguard.inject import ClassificationTask, DetectionTask, Engine
-    from flipguard.layers import evenly_spaced
 
     if data.task == "detection":  # balanced: evenly spaced normals and defective copies
         half = data.val.shape[0] // 2
@@ -245,9 +245,6 @@ def evaluate_network(model: nn.Module, space: Any, data: SearchData, s: Settings
     validation data; saves ``workdir/model.pt`` and the RA injections in
     ``workdir/ra.sqlite``. Returns ``{quality, metrics, memory_bits, macs, parameters,
     ra: {hardware: result}, seconds}``."""
-    from flipguard.fileio import replacing
-    from flipguard.ra import RAStore, resiliency_accuracy
-    from flipguard.run import state_fingerprint
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

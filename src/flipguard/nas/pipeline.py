@@ -13,7 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flipguard.errors import ConfigError
 from flipguard.nas.config import NASConfig
+from flipguard.nas.front import final_stage
+from flipguard.nas.output import SCHEMA, write_outputs
+from flipguard.nas.search import Context, lock, prepare, run_studies
 
 __all__ = ["run_nas"]
 
@@ -24,13 +28,9 @@ def run_nas(cfg: NASConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) the search described by ``cfg``; returns the ``nas.json`` document
     (also written to ``cfg.out``). ``progress(stage, info)`` is called after each study and
     each retrained network."""
-    from flipguard.nas.front import final_stage
-    from flipguard.nas.output import SCHEMA, write_outputs
-    from flipguard.nas.search import Context, lock, prepare, run_studies
 
     cfg.validate()
     if cfg.workers > 1 and ":" not in cfg.space and cfg.space not in ("cae", "digits"):
-        from flipguard.errors import ConfigError
 
         raise ConfigError("--space: worker processes need an importable 'pkg.module:name'")
     t0 = time.perf_counter()

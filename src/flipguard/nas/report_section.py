@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flipguard.nas.front_view import front_figure, front_rows
 from flipguard.report.content_extras import rows_table
 from flipguard.report.figures import render
 from flipguard.report.sections import Note, Paragraph, ReportContext, Section, section
@@ -47,7 +48,6 @@ def _ranking_text(r: dict[str, Any], level: str, hw: str) -> str:
 
 def nas_section(doc: dict[str, Any]) -> Section:
     """The section of one search document (see :mod:`flipguard.nas.output`)."""
-    from flipguard.nas.output import front_figure, front_rows
 
     cfg = doc.get("config") or {}
     hws = _hardware(doc)

@@ -30,9 +30,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flipguard.data import load_mvtec
 from flipguard.errors import ConfigError, FlipguardError
+from flipguard.fileio import atomic_write, json_clean
 from flipguard.nas.config import NASConfig
-from flipguard.nas.data import SearchData, load_bundle, save_bundle
+from flipguard.nas.data import (
+    SearchData,
+    classification_data,
+    detection_data,
+    load_bundle,
+    save_bundle,
+)
 from flipguard.nas.objectives import evaluate_network, objective_values
 from flipguard.nas.space import SearchSpace, arch_key, load_space
 
@@ -63,7 +71,6 @@ def lock(out: Path) -> Iterator[None]:
 def prepare(cfg: NASConfig) -> SearchData:
     """Write (or check) ``OUT/search.json`` and the data bundle ``OUT/data.pt``; a resumed
     search must have the same search settings."""
-    from flipguard.fileio import atomic_write
 
     out = cfg.out_path
     ident = cfg.search_identity()
@@ -83,11 +90,9 @@ def prepare(cfg: NASConfig) -> SearchData:
 
 
 def _load_data(cfg: NASConfig) -> SearchData:
-    from flipguard.nas.data import classification_data, detection_data
 
     space = load_space(cfg.space)
     if space.task == "detection":
-        from flipguard.data import load_mvtec
 
         ds = load_mvtec(cfg.data, category=cfg.category, size=cfg.size)
         # only train/good reaches the search: the test split is never an argument
@@ -153,7 +158,6 @@ def screen(ctx: Context, arch: dict[str, Any] | None, stage: str = "screen") -> 
     (``screen`` | ``full``), cached in ``OUT/<stage>/<key>/result.json``."""
     import torch
 
-    from flipguard.fileio import atomic_write, json_clean
 
     key = ctx.key(arch, stage)
     work = ctx.cfg.out_path / stage / key

@@ -35,6 +35,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from flipguard.errors import ConfigError
+from flipguard.nas.activations import profile_bounds
 
 __all__ = ["Param", "SearchSpace", "arch_key", "load_space", "TASKS"]
 
@@ -134,7 +135,6 @@ class SearchSpace:
 
     def finalise(self, model: nn.Module, train_inputs: Tensor) -> None:
         """After training: set profiled activation bounds from the training inputs."""
-        from flipguard.nas.activations import profile_bounds
 
         profile_bounds(model, train_inputs)
 
