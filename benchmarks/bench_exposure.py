@@ -23,7 +23,7 @@ def _model(run: str | None) -> tuple[torch.nn.Module, torch.Tensor]:
     if run:
         from pathlib import Path
 
-        from flipguard.cli.ra import engine_for_run
+        from flipguard.study.resiliency import engine_for_run
 
         engine, _, _ = engine_for_run(Path(run), 1, "fp32", None)
         return engine.model, engine.inputs[:1]

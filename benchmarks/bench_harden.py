@@ -36,12 +36,12 @@ class _Memo:
 
     def __init__(self, run: str) -> None:
         from flipguard.campaign import CampaignStore, store_path
-        from flipguard.harden import campaign_engines
-        from flipguard.run import load_run
+        from flipguard.study.hardening import campaign_engines
+        from flipguard.study.stores import campaign_factory
 
-        r = load_run(run)
-        with CampaignStore(store_path(r.path)) as store:
-            self.engine = campaign_engines(r, store)(r.model)
+        with CampaignStore(store_path(run)) as store:
+            factory = campaign_factory(run, store)
+        self.engine = campaign_engines(factory)(factory.parts().run.model)
         self.golden, self.memo, self.simulated = self.engine.golden, {}, 0
 
     def run(self, faults: list) -> list:
@@ -101,14 +101,9 @@ def _holdouts(runs: list[str], protections: list[dict], criterion: str, draws: i
     combines the hold-outs' paired faults stratum by stratum (independent samples of the
     same strata)."""
     from flipguard.campaign import CampaignStore, store_path
-    from flipguard.harden import (
-        Protection,
-        compare_paired,
-        evaluate_protections,
-        pair_cells,
-        paired_reinjection,
-    )
+    from flipguard.harden import Protection, compare_paired, pair_cells, paired_reinjection
     from flipguard.run import load_run
+    from flipguard.study.hardening import evaluate_protections
 
     prots = [Protection.from_dict({k: v for k, v in p.items() if k != "label"})
              for p in protections]
@@ -229,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save", default=None, help="also write the summary JSON to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from flipguard.harden import harden_run
+    from flipguard.study.hardening import harden_run
 
     budgets = [float(b) for b in args.budgets.split(",")]
     holdouts = [h for h in (args.holdout or "").split(",") if h]
@@ -243,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.perf_counter()
                 res = harden_run(args.run, budget=b, schemes=SCHEME_SETS[set_name],
                                  criterion=crit, curve=False, n_boot=args.boot, save=False,
-                                 engine_for=engines, hardware=args.hardware)
+                                 engine_for=engines, hardware=args.hardware).to_dict()
                 print(f"{crit} {set_name} {b:g}: overhead {res['overhead']:.4f}, improvement "
                       f"{res['relative_improvement']}, {res['simulated']} re-delivered, "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

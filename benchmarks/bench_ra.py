@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from flipguard.cli.ra import engine_for_run
     from flipguard.ra import (
         AdaptiveProposal,
         CachedEvaluator,
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_proposal,
     )
     from flipguard.ra.proposal import CriticalityProposal
+    from flipguard.study.resiliency import engine_for_run
 
     targets = tuple(t for t in args.targets.split(",") if t)
     z = float(norm.ppf(0.5 + args.confidence / 2))

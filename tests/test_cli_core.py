@@ -55,7 +55,7 @@ def test_threshold_comes_from_normal_validation_only(tiny_run: Path) -> None:
     run = load_run(tiny_run)
     ds = run.load_data()
     th = run.config.threshold
-    assert th.method == "tail" and th.fpr == 0.05
+    assert th.method == "auto" and th.rule_used == "tail" and th.fpr == 0.05
     # 24 train images: the validation split is raised to the tail model's minimum of 4
     _, val_idx = split_validation(len(ds.train), run.config.data.val_fraction, seed=0)
     assert len(val_idx) == 4
@@ -66,15 +66,18 @@ def test_threshold_comes_from_normal_validation_only(tiny_run: Path) -> None:
     expected = u + excess.mean() * np.log((3 / 5) / 0.05)
     assert run.threshold == pytest.approx(expected, rel=1e-6)
     metrics = json.loads((tiny_run / "metrics.json").read_text())
-    assert metrics["threshold_method"] == "tail" and metrics["target_fpr"] == 0.05
+    assert metrics["threshold_method"] == "auto" and metrics["target_fpr"] == 0.05
+    assert metrics["threshold_rule_used"] == "tail"
     assert metrics["val_images"] == 4
 
 
-def test_threshold_options_are_checked_before_training(tmp_path: Path) -> None:
+def test_options_are_checked_before_training_in_one_line(tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert invoke("synth", data, "--n-train", 8, "--n-test", 4, "--size", 16).exit_code == 0
     for opts, word in ((["--quantile", "2"], "quantile"), (["--fpr", "1.5"], "fpr"),
-                       (["--fpr", "0"], "fpr"), (["--threshold", "median"], "threshold")):
+                       (["--fpr", "0"], "fpr"), (["--threshold", "median"], "threshold"),
+                       (["--resize", "crop"], "resize"), (["--crop", "20"], "crop"),
+                       (["--map", "l1"], "map"), (["--bottleneck", "x"], "bottleneck")):
         res = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"),
                                   "--size", "16", "--epochs", "1", *opts])
         assert res.exit_code == 2, res.output

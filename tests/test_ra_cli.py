@@ -123,6 +123,9 @@ def test_byo_errors_are_one_line(byo, tmp_path):
         ((*_byo_args(root), "--estimator", "sis"), "--estimator"),
         ((*_byo_args(root), "--targets", "weights"), "--targets"),
         ((*_byo_args(root), "--interval", "wald"), "--interval"),
+        ((*_byo_args(root), "--min-samples", 100, "--max-samples", 10),
+         "--min-samples: 100 is more than --max-samples 10"),
+        ((*_byo_args(root), "--images", 0), "--images"),
     ]
     for args, text in cases:
         res = invoke(*args, "--out", tmp_path)

@@ -389,6 +389,28 @@ def test_residual_add_ends_the_operands_life():
     assert _cycles(net, x, hw, "activation", "fc3").tolist() == [2.0, 2.0]
 
 
+class _FlipScale(nn.Module):
+    """A parametrised user module that reverses its input: not a layer boundary for RA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x.flip(-1) * self.w
+
+
+def test_analysis_looks_inside_parametrised_user_modules():
+    # the trace must see the flip inside _FlipScale: layer 0's output reaches layer 2 in
+    # another layout (a tracer stopping at every module with parameters would call it exact)
+    net = nn.Sequential(nn.Linear(4, 3), _FlipScale(), nn.Linear(3, 2))
+    g = analyse(net, torch.zeros(1, 4))
+    assert g.method == "fx" and [ly.name for ly in g.layers] == ["0", "2"]
+    assert [(u.consumer, u.exact) for u in g.layers[0].uses] == [(1, False)]
+    plain = analyse(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.zeros(1, 4))
+    assert [(u.consumer, u.exact) for u in plain.layers[0].uses] == [(1, True)]
+
+
 def test_untraceable_model_falls_back_to_call_order():
     net = _Untraceable(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
     g = analyse(net, torch.zeros(1, 3))

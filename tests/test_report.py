@@ -31,7 +31,6 @@ from flipguard.campaign.store import CampaignStore, store_path
 from flipguard.cli.report import register
 from flipguard.criticality.predictor import CLASS_LABELS, CLASS_PRIORS
 from flipguard.data import make_synthetic
-from flipguard.harden.paired import harden_run
 from flipguard.models import CAEConfig, build_cae
 from flipguard.pipeline import evaluate_run
 from flipguard.report import (
@@ -42,16 +41,16 @@ from flipguard.report import (
     Paragraph,
     ReportContext,
     Section,
-    build_report,
     make_sections,
     render_report,
     section,
 )
-from flipguard.report.adapter import calibration_data
 from flipguard.report.figures_detector import roc_points
 from flipguard.report.summary import summary_lines
 from flipguard.study.engines import RunEngineFactory
+from flipguard.study.hardening import harden_run
 from flipguard.study.predictors import calibration_table
+from flipguard.study.reports import build_report, calibration_data
 
 CRIT = "accuracy-drop:0.01"
 ODD_DIR = "data <&> \"x\""  # user string that must be escaped in the HTML

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flipguard.report import build_report
+from flipguard.study.reports import build_report
 from test_report import CRIT, make_run
 
 CHROMIUM = shutil.which("chromium")

@@ -77,6 +77,15 @@ def test_tail_threshold_extrapolates_beyond_the_sample_maximum():
         np.quantile(s, 0.4, method="weibull"))
 
 
+def test_auto_uses_the_distribution_free_rule_once_the_set_supports_it():
+    rng = np.random.default_rng(5)
+    for n, fpr, rule in ((66, 0.05, "empirical"), (39, 0.05, "empirical"), (38, 0.05, "tail"),
+                         (21, 0.05, "tail"), (66, 0.01, "tail"), (199, 0.01, "empirical")):
+        s = rng.gamma(3.0, 0.1, n)
+        assert calibrate_threshold(s, method="auto", fpr=fpr) == calibrate_threshold(
+            s, method=rule, fpr=fpr), (n, fpr)
+
+
 @pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, float("nan"), "x", True])
 def test_fpr_errors_are_one_line(bad):
     with pytest.raises(ConfigError, match="fpr") as exc:
@@ -92,5 +101,5 @@ def test_threshold_method_errors():
     assert calibrate_threshold(np.arange(19.0), method="empirical", fpr=0.05) == 18.0
     with pytest.raises(ConfigError, match="needs at least 4"):
         calibrate_threshold([1.0, 2.0, 3.0], method="tail")
-    with pytest.raises(ConfigError, match="method: expected one of tail"):
+    with pytest.raises(ConfigError, match="method: expected one of auto, tail"):
         calibrate_threshold([1.0, 2.0], method="median")

@@ -11,11 +11,13 @@ the batch are unaffected.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
@@ -29,12 +31,14 @@ from flipguard.metrics import (
     threshold_metrics,
 )
 from flipguard.models.cae import StrictConfig
-from flipguard.ssim import gaussian_blur, ssim_map
+from flipguard.ssim import gaussian_blur, msgms_map, ssim_map
+from flipguard.threshold import calibrate_threshold
 
 __all__ = [
     "ScoreConfig",
     "Scorer",
     "reconstruct",
+    "fit_map_stats",
     "calibrate_threshold",
     "evaluate_detector",
 ]
@@ -50,18 +54,35 @@ class ScoreConfig(StrictConfig):
         'l2'
     """
 
-    map: Literal["l2", "ssim"] = Field("ssim", description="per-pixel residual type")
+    map: Literal["l2", "ssim", "msgms"] = Field(
+        "ssim", description="per-pixel residual: l2, 1 - SSIM, or 1 - multi-scale GMS (RIAD)"
+    )
     smooth_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the map; 0 = off")
     reduce: Literal["max", "mean"] = Field("max", description="map -> image score")
     batch_size: int = Field(64, ge=1, description="images per chunk when scoring")
     ssim_window: int = Field(11, ge=1, description="odd SSIM Gaussian window size")
     ssim_sigma: float = Field(1.5, gt=0, description="SSIM Gaussian window sigma")
+    standardize: bool = Field(
+        False, description="standardise maps per position with normal-image statistics "
+        "(norm_mean / norm_std, fitted by fit_map_stats on train/good images)"
+    )
+    norm_mean: list[list[float]] | None = Field(None, description="G x G mean map grid")
+    norm_std: list[list[float]] | None = Field(None, description="G x G std map grid (floored)")
 
     @field_validator("ssim_window")
     @classmethod
     def _odd(cls, v: int) -> int:
         if v % 2 == 0:
             raise ValueError("expected an odd window size")
+        return v
+
+    @field_validator("norm_mean", "norm_std")
+    @classmethod
+    def _grid(cls, v: list[list[float]] | None) -> list[list[float]] | None:
+        if v is not None and (not v or any(len(row) != len(v[0]) or not row for row in v)):
+            raise ValueError("expected a non-empty rectangular grid")
+        if v is not None and not np.isfinite(np.asarray(v, dtype=np.float64)).all():
+            raise ValueError("expected finite values")
         return v
 
 
@@ -77,6 +98,25 @@ class Scorer:
 
     def __init__(self, cfg: ScoreConfig | None = None) -> None:
         self.cfg = cfg or ScoreConfig()
+        self._stats: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        c = self.cfg
+        if c.standardize and (c.norm_mean is None or c.norm_std is None):
+            raise ConfigError("ScoreConfig.standardize: map statistics norm_mean/norm_std are "
+                              "missing (fit them with flipguard.detect.fit_map_stats)")
+        if c.standardize and np.shape(c.norm_mean) != np.shape(c.norm_std):
+            raise ConfigError("ScoreConfig.norm_std: expected the same grid shape as norm_mean")
+
+    def _standardize(self, m: torch.Tensor) -> torch.Tensor:
+        """``(map - mean) / std`` with the G x G statistics bilinearly resized to the map."""
+        h, w = m.shape[-2:]
+        key = (h, w, str(m.device))
+        if key not in self._stats:
+            grids = torch.tensor([self.cfg.norm_mean, self.cfg.norm_std], dtype=torch.float32)
+            up = F.interpolate(grids[:, None], size=(h, w), mode="bilinear",
+                               align_corners=False)
+            self._stats[key] = (up[0:1, 0:1].to(m.device), up[1:2, 0:1].to(m.device))
+        mu, sd = self._stats[key]
+        return (m - mu) / sd
 
     def __repr__(self) -> str:
         return f"Scorer({self.cfg!r})"
@@ -84,10 +124,14 @@ class Scorer:
     def _maps(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if self.cfg.map == "l2":
             m = (x - r).square().mean(dim=1, keepdim=True)
+        elif self.cfg.map == "msgms":
+            m = 1.0 - msgms_map(x, r)
         else:
             m = 1.0 - ssim_map(x, r, window_size=self.cfg.ssim_window, sigma=self.cfg.ssim_sigma)
         if self.cfg.smooth_sigma > 0:
             m = gaussian_blur(m, self.cfg.smooth_sigma)
+        if self.cfg.standardize:
+            m = self._standardize(m)
         return m
 
     def _chunks(self, inputs: torch.Tensor, recon: torch.Tensor) -> Any:
@@ -103,7 +147,9 @@ class Scorer:
 
     def maps(self, inputs: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Anomaly maps (N, 1, H, W), float32 on ``recon``'s device, higher = more anomalous:
-        L2 = squared residual averaged over channels, SSIM = 1 - SSIM map; then smoothed."""
+        L2 = squared residual averaged over channels, SSIM = 1 - SSIM map, MSGMS = 1 - the
+        multi-scale gradient-magnitude similarity; then smoothed and, with ``standardize``,
+        turned into per-position z-scores against normal images."""
         with torch.no_grad():
             parts = list(self._chunks(inputs, recon))
         if not parts:
@@ -122,6 +168,44 @@ class Scorer:
         if not parts:
             return torch.empty(0, device=recon.device)
         return torch.cat(parts)
+
+
+def fit_map_stats(
+    cfg: ScoreConfig,
+    model: nn.Module,
+    images: torch.Tensor,
+    grid: int = 32,
+    floor: float = 0.1,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> ScoreConfig:
+    """Per-position statistics of the anomaly maps of *normal* ``images`` reconstructed by
+    ``model`` -> a copy of ``cfg`` with ``standardize=True`` and ``norm_mean``/``norm_std``.
+
+    The mean and standard deviation over images are taken per pixel, then averaged down to
+    a ``grid`` x ``grid`` grid (at most the map size); the std is floored at ``floor`` times
+    its grid mean so flat regions (e.g. padding) cannot blow up small residuals.
+
+    Example:
+        >>> cfg = fit_map_stats(ScoreConfig(map="l2"), nn.Identity(), torch.rand(4, 1, 8, 8), 4)
+        >>> cfg.standardize, len(cfg.norm_mean), len(cfg.norm_std[0])
+        (True, 4, 4)
+    """
+    if images.shape[0] < 2:
+        raise ConfigError(f"fit_map_stats: expected at least 2 normal images "
+                          f"(got {images.shape[0]})")
+    plain = Scorer(cfg.model_copy(update={"standardize": False, "norm_mean": None,
+                                          "norm_std": None}))
+    parts = [plain.maps(x, reconstruct(model, x, batch_size, device)).cpu().double()
+             for x in images.split(batch_size)]
+    maps = torch.cat(parts)
+    h, w = maps.shape[-2:]
+    gh, gw = min(grid, h), min(grid, w)
+    mean = F.adaptive_avg_pool2d(maps.mean(0, keepdim=True), (gh, gw))[0, 0]
+    std = F.adaptive_avg_pool2d(maps.std(0, keepdim=True), (gh, gw))[0, 0]
+    std = std.clamp(min=floor * float(std.mean()) + 1e-12)
+    return cfg.model_copy(update={
+        "standardize": True, "norm_mean": mean.tolist(), "norm_std": std.tolist()})
 
 
 def reconstruct(
@@ -159,41 +243,6 @@ def reconstruct(
     return torch.cat(outs) if outs else torch.empty(0, *images.shape[1:])
 
 
-def calibrate_threshold(
-    val_scores: Sequence[float] | np.ndarray | torch.Tensor,
-    quantile: float = 0.99,
-    method: Literal["quantile", "mean+kstd"] = "quantile",
-    k: float = 3.0,
-) -> float:
-    """Decision threshold from scores of *normal* validation images only.
-
-    ``"quantile"``: the ``quantile`` of the scores (linear interpolation, ``np.quantile``);
-    ``"mean+kstd"``: mean + k * sample standard deviation (ddof=1).
-
-    Example:
-        >>> calibrate_threshold([1.0, 2.0, 3.0, 4.0, 5.0], quantile=0.5)
-        3.0
-    """
-    s = np.asarray(
-        val_scores.detach().cpu().double() if isinstance(val_scores, torch.Tensor) else val_scores,
-        dtype=np.float64,
-    ).reshape(-1)
-    if s.size == 0:
-        raise ConfigError("val_scores: expected at least one validation score (got none)")
-    if not np.isfinite(s).all():
-        raise ConfigError(f"val_scores: expected finite scores ({int((~np.isfinite(s)).sum())} "
-                          f"of {s.size} are NaN/Inf)")
-    if method == "quantile":
-        if not 0.0 <= quantile <= 1.0:
-            raise ConfigError(f"quantile: expected a value in [0, 1] (got {quantile})")
-        return float(np.quantile(s, quantile))
-    if method == "mean+kstd":
-        if s.size < 2:
-            raise ConfigError("val_scores: method 'mean+kstd' needs at least 2 scores")
-        return float(s.mean() + k * s.std(ddof=1))
-    raise ConfigError(f"method: expected 'quantile' or 'mean+kstd' (got {method!r})")
-
-
 def evaluate_detector(
     model: nn.Module,
     scorer: Scorer,
@@ -210,9 +259,10 @@ def evaluate_detector(
 
     Returns ``image_auroc``, ``pixel_auroc`` and ``aupro`` (None when ``masks`` is None or the
     set lacks a class), ``f1``/``precision``/``recall``/``accuracy`` and ``tp``/``fp``/``tn``/
-    ``fn`` at ``threshold``, ``threshold``, ``n_test``, ``n_anomalous``, and ``oracle_f1`` /
-    ``oracle_threshold``: the F1-optimal threshold chosen *on the test labels* (an upper
-    bound, not a deployable result).
+    ``fn`` at ``threshold``, ``fpr`` (share of normal test images flagged), ``threshold``,
+    ``n_test``, ``n_anomalous``, ``oracle_f1`` / ``oracle_threshold`` / ``oracle_accuracy``:
+    the F1-optimal threshold chosen *on the test labels* (an upper bound, not a deployable
+    result), and ``infer_ms_per_image`` (reconstruction + scoring wall time per image).
 
     Example:
         >>> res = evaluate_detector(model, Scorer(), thr, ds.test, ds.test_labels,
@@ -230,11 +280,14 @@ def evaluate_detector(
     maps_parts: list[torch.Tensor] = []
     score_parts: list[torch.Tensor] = []
     n = images.shape[0]
+    infer = 0.0
     for i in range(0, n, batch_size):
         x = images[i : i + batch_size]
+        t0 = time.perf_counter()
         recon = reconstruct(model, x, batch_size=batch_size, device=device)
         m = scorer.maps(x, recon)
         score_parts.append(scorer.reduce(m))
+        infer += time.perf_counter() - t0
         if masks is not None:
             maps_parts.append(m)
         if progress is not None:
@@ -249,12 +302,16 @@ def evaluate_detector(
         res["aupro"] = _maybe(lambda a, b: aupro(a, b, fpr_limit=fpr_limit), mk, maps)
     res.update(threshold_metrics(y, scores, threshold))
     oracle_f1, oracle_thr = best_f1_threshold(y, scores)
+    n_normal = int((y == 0).sum())
     res.update(
         threshold=float(threshold),
+        fpr=res["fp"] / n_normal if n_normal else None,
         n_test=int(n),
         n_anomalous=int((y > 0).sum()),
         oracle_f1=oracle_f1,
         oracle_threshold=oracle_thr,
+        oracle_accuracy=threshold_metrics(y, scores, oracle_thr)["accuracy"],
+        infer_ms_per_image=round(1000.0 * infer / max(1, n), 3),
     )
     return res
 

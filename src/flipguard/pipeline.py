@@ -44,28 +44,39 @@ def train_detector(
     category: str | None = None,
     size: int = 128,
     channels: int | None = None,
+    resize: str = "stretch",
     model: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     score: dict[str, Any] | None = None,
+    threshold_method: str = "auto",
+    threshold_fpr: float = 0.05,
     threshold_quantile: float = 0.99,
-    threshold_method: str = "quantile",
     threshold_k: float = 3.0,
     val_fraction: float = 0.1,
     split_seed: int = 0,
     progress: Progress | None = None,
 ) -> Run:
-    """Train a CAE detector on ``data`` (MVTec layout), calibrate, evaluate, save ``out``."""
+    """Train a CAE detector on ``data`` (MVTec layout), calibrate, evaluate, save ``out``.
+
+    The threshold comes from the scores of the held-out normal ``train/good`` images only
+    (``val_fraction`` of them), for a false-positive rate of ``threshold_fpr``: by default the
+    distribution-free order statistic when the validation set is large enough, else a fitted
+    tail model (``"auto"``, see :mod:`flipguard.threshold`). Every option is validated before the
+    data are read or anything is trained.
+    """
     from flipguard.data import load_mvtec, split_validation
-    from flipguard.detect import ScoreConfig, Scorer, calibrate_threshold, reconstruct
+    from flipguard.detect import Scorer, fit_map_stats, reconstruct
     from flipguard.models import CAEConfig, build_cae
-    from flipguard.train import TrainConfig, train_model
+    from flipguard.threshold import calibrate_threshold, check_threshold_args, resolve_auto
+    from flipguard.train import train_model
 
     progress = progress or _noop
-    ds = load_mvtec(data, category=category, size=size, channels=channels)
+    check_threshold_args(threshold_method, threshold_fpr, threshold_quantile, threshold_k)
+    tcfg, scfg, auto_map = check_options(size, resize, model, train, score, val_fraction)
+    ds = load_mvtec(data, category=category, size=size, channels=channels, resize=resize)
     n_ch = int(ds.train.shape[1])
-    tcfg = TrainConfig(**(train or {}))
+    val_fraction = _min_val_fraction(len(ds.train), val_fraction, threshold_method)
     mcfg = CAEConfig(**{"input_size": size, "channels": n_ch, "seed": tcfg.seed, **(model or {})})
-    scfg = ScoreConfig(**(score or {}))
     tr_idx, val_idx = split_validation(len(ds.train), val_fraction=val_fraction, seed=split_seed)
     net = build_cae(mcfg)
     t0 = time.perf_counter()
@@ -77,11 +88,20 @@ def train_detector(
     )
     train_seconds = time.perf_counter() - t0
     net.eval()
-    scorer = Scorer(scfg)
     val_imgs = ds.train[torch.as_tensor(val_idx)]
+    map_table: dict[str, float] | None = None
+    if auto_map:  # normal data + pasted synthetic defects only
+        from flipguard.mapselect import select_map
+
+        scfg, map_table = select_map(scfg, net, ds.train[torch.as_tensor(tr_idx)], val_imgs,
+                                     seed=split_seed)
+    elif scfg.standardize:  # per-position map statistics of the normal training images
+        scfg = fit_map_stats(scfg, net, ds.train[torch.as_tensor(tr_idx)])
+    scorer = Scorer(scfg)
     val_scores = scorer.scores(val_imgs, reconstruct(net, val_imgs)).numpy()
     thr = calibrate_threshold(
-        val_scores, quantile=threshold_quantile, method=threshold_method, k=threshold_k
+        val_scores, quantile=threshold_quantile, method=threshold_method, k=threshold_k,
+        fpr=threshold_fpr,
     )
     config = RunConfig(
         data=DataSection(
@@ -89,6 +109,7 @@ def train_detector(
             category=category,
             size=size,
             channels=n_ch,
+            resize=resize,
             val_fraction=val_fraction,
             split_seed=split_seed,
         ),
@@ -98,6 +119,9 @@ def train_detector(
         threshold=ThresholdSection(
             value=float(thr),
             method=threshold_method,
+            fpr=threshold_fpr if threshold_method in ("auto", "tail", "empirical") else None,
+            rule_used=(resolve_auto(len(val_scores), threshold_fpr)
+                       if threshold_method == "auto" else threshold_method),
             quantile=threshold_quantile,
             k=threshold_k,
             val_stats=_stats(val_scores),
@@ -112,10 +136,46 @@ def train_detector(
         val_images=len(val_idx),
         final_loss=float(losses[-1]) if losses else None,
         n_parameters=sum(p.numel() for p in net.parameters()),
+        val_fpr=float((val_scores > thr).mean()),
+        map=scfg.map,
+        map_selection=map_table,
     )
     save_metrics(out, metrics)
     run.metrics = metrics
     return run
+
+
+def check_options(
+    size: int,
+    resize: str,
+    model: dict[str, Any] | None,
+    train: dict[str, Any] | None,
+    score: dict[str, Any] | None,
+    val_fraction: float,
+) -> tuple[Any, Any, bool]:
+    """Validate every training option before any data are read (one-line errors); returns
+    ``(TrainConfig, ScoreConfig, auto_map)`` where ``auto_map`` means ``score["map"] == "auto"``
+    (the ScoreConfig then holds "ssim" until :func:`flipguard.mapselect.select_map` runs).
+
+    Example:
+        >>> check_options(64, "stretch", None, {"epochs": 2}, {"map": "auto"}, 0.1)[2]
+        True
+    """
+    from flipguard.data import split_validation
+    from flipguard.data.mvtec import RESIZE_MODES, DatasetError
+    from flipguard.detect import ScoreConfig
+    from flipguard.models import CAEConfig
+    from flipguard.train import TrainConfig
+
+    if resize not in RESIZE_MODES:
+        raise DatasetError(f"resize: expected 'stretch' or 'fit' (got {resize!r})")
+    tcfg = TrainConfig(**(train or {}))
+    CAEConfig(**{"input_size": size, "seed": tcfg.seed, **(model or {})})
+    score = dict(score or {})
+    auto_map = score.get("map") == "auto"
+    scfg = ScoreConfig(**{**score, "map": "ssim"} if auto_map else score)
+    split_validation(2, val_fraction=val_fraction)
+    return tcfg, scfg, auto_map
 
 
 def evaluate_run(
@@ -144,7 +204,24 @@ def evaluate_run(
     )
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["pixel_metrics"] = "available" if ds.test_masks is not None else "unavailable"
+    th = run.config.threshold
+    metrics["threshold_method"] = th.method
+    metrics["threshold_rule_used"] = th.rule_used
+    metrics["target_fpr"] = th.fpr
+    oracle = metrics.get("oracle_f1")
+    metrics["f1_vs_oracle"] = metrics["f1"] / oracle if oracle else None
     return metrics
+
+
+def _min_val_fraction(n: int, val_fraction: float, method: str) -> float:
+    """The tail threshold needs >= MIN_TAIL_SCORES validation images: raise the fraction to
+    that count when ``train/good`` has at least twice as many images (else keep it)."""
+    from flipguard.threshold import MIN_TAIL_SCORES
+
+    enough = round(n * val_fraction) >= MIN_TAIL_SCORES
+    if method not in ("tail", "auto") or enough or n < 2 * MIN_TAIL_SCORES:
+        return val_fraction
+    return (MIN_TAIL_SCORES + 0.25) / n  # round(n * f) == MIN_TAIL_SCORES
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:

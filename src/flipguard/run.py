@@ -46,6 +46,7 @@ class DataSection(BaseModel):
     category: str | None = None
     size: int = 128
     channels: int = 1
+    resize: str = "stretch"
     val_fraction: float = 0.1
     split_seed: int = 0
 
@@ -60,11 +61,18 @@ class ModelSection(BaseModel):
 
 
 class ThresholdSection(BaseModel):
-    """The deployed decision threshold and the normal-validation statistics it came from."""
+    """The deployed decision threshold and the normal-validation statistics it came from.
+
+    ``method`` is one of :data:`flipguard.threshold.THRESHOLD_METHODS`; ``fpr`` is the target
+    false-positive rate of the ``auto``/``tail``/``empirical`` methods (None for the legacy
+    methods and for runs written before it existed); ``rule_used`` is what ``auto`` chose.
+    """
 
     model_config = ConfigDict(extra="forbid")
     value: float
     method: str = "quantile"
+    fpr: float | None = None
+    rule_used: str | None = None
     quantile: float = 0.99
     k: float = 3.0
     val_stats: dict[str, float] = Field(default_factory=dict)
@@ -107,7 +115,8 @@ class Run:
 
         d = self.config.data
         root = Path(data_dir) if data_dir is not None else Path(d.path)
-        return load_mvtec(root, category=d.category, size=d.size, channels=d.channels)
+        return load_mvtec(root, category=d.category, size=d.size, channels=d.channels,
+                          resize=d.resize)
 
     def model_fingerprint(self) -> str:
         """sha256 over the state dict (names, dtypes, shapes and raw bytes)."""

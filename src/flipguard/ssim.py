@@ -13,8 +13,9 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "ssim_map", "ssim"]
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "ssim_map", "ssim", "gms_map", "msgms_map"]
 
 C1 = 0.01**2  # (K1 * L)^2 with L = 1 (data range [0, 1])
 C2 = 0.03**2  # (K2 * L)^2
@@ -119,3 +120,59 @@ def ssim(x: torch.Tensor, y: torch.Tensor, **kwargs: float) -> torch.Tensor:
         1.0
     """
     return ssim_map(x, y, **kwargs).mean()  # type: ignore[arg-type]
+
+
+GMS_C = 0.0026  # stability constant of RIAD's GMS (Zavrtanik et al., 2021) for data in [0, 1]
+
+
+def _prewitt_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude with 3x3 Prewitt filters (replicate padding), per channel.
+
+    Written with shifted slices instead of ``conv2d`` so every image's result is independent
+    of the batch size (elementwise arithmetic only)."""
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[-2:]
+
+    def sl(dy: int, dx: int) -> torch.Tensor:
+        return p[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    gx = (sl(-1, 1) + sl(0, 1) + sl(1, 1) - sl(-1, -1) - sl(0, -1) - sl(1, -1)) / 3.0
+    gy = (sl(1, -1) + sl(1, 0) + sl(1, 1) - sl(-1, -1) - sl(-1, 0) - sl(-1, 1)) / 3.0
+    return torch.sqrt(gx * gx + gy * gy + 1e-12)
+
+
+def gms_map(x: torch.Tensor, y: torch.Tensor, c: float = GMS_C) -> torch.Tensor:
+    """Gradient magnitude similarity ``(2 g_x g_y + c) / (g_x^2 + g_y^2 + c)`` of two
+    (N, C, H, W) tensors, averaged over channels -> (N, 1, H, W); 1 = identical edges.
+
+    Example:
+        >>> x = torch.rand(2, 1, 16, 16)
+        >>> bool(gms_map(x, x).allclose(torch.ones(1))), gms_map(x, x).shape
+        (True, torch.Size([2, 1, 16, 16]))
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"gms_map: expected two (N, C, H, W) tensors of equal shape "
+                         f"(got {tuple(x.shape)} and {tuple(y.shape)})")
+    gx, gy = _prewitt_magnitude(x), _prewitt_magnitude(y)
+    return ((2.0 * gx * gy + c) / (gx * gx + gy * gy + c)).mean(dim=1, keepdim=True)
+
+
+def msgms_map(x: torch.Tensor, y: torch.Tensor, scales: int = 4) -> torch.Tensor:
+    """Multi-scale GMS (RIAD): the mean of :func:`gms_map` at ``scales`` dyadic scales
+    (2x2 average pooling between scales), each bilinearly upsampled to the input size.
+
+    Example:
+        >>> x = torch.rand(1, 1, 32, 32)
+        >>> y = x.clone(); y[..., 10:14, 10:14] = 0.0
+        >>> m = msgms_map(x, y)
+        >>> m.shape, bool(m[0, 0, 12, 12] < m[0, 0, 28, 28])
+        (torch.Size([1, 1, 32, 32]), True)
+    """
+    h, w = x.shape[-2:]
+    n = max(1, min(scales, 1 + int(math.log2(max(1, min(h, w))))))  # stop at 1-pixel scales
+    total = gms_map(x, y)
+    for _ in range(1, n):
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        up = F.interpolate(gms_map(x, y), size=(h, w), mode="bilinear", align_corners=False)
+        total = total + up
+    return total / n

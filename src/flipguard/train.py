@@ -12,14 +12,22 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from flipguard.errors import FlipguardError
 from flipguard.models.cae import StrictConfig
+from flipguard.models.defects import corrupt_batch
 from flipguard.ssim import ssim
 
-__all__ = ["TrainConfig", "TrainError", "train_model", "augment_batch", "resolve_device"]
+__all__ = [
+    "TrainConfig",
+    "TrainError",
+    "train_model",
+    "augment_batch",
+    "random_crops",
+    "resolve_device",
+]
 
 
 class TrainError(FlipguardError, RuntimeError):
@@ -42,8 +50,24 @@ class TrainConfig(StrictConfig):
     augment: bool = Field(False, description="random flips + brightness jitter (+ rot90)")
     rot90: bool = Field(False, description="with augment: random 90-degree rotations")
     brightness: float = Field(0.05, ge=0, le=0.5, description="max additive brightness jitter")
+    inpaint: float = Field(
+        0.0, ge=0, le=1,
+        description="fraction of training images given a synthetic defect the model must "
+        "repair (inpainting objective; 0 = plain reconstruction)",
+    )
+    crop: int = Field(
+        0, ge=0, description="patch-based training: random crop side in pixels per image and "
+        "step (a multiple of 16; 0 = whole images). Inference stays on whole images.",
+    )
     seed: int = Field(0, ge=0)
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:1', ... or 'auto'")
+
+    @field_validator("crop")
+    @classmethod
+    def _crop16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("expected 0 or a multiple of 16")
+        return v
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,6 +120,22 @@ def augment_batch(
     return (x + shift.to(x.dtype).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
 
 
+def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image of ``x`` (N, C, H, W), drawn from ``gen``.
+
+    Example:
+        >>> random_crops(torch.rand(3, 1, 32, 24), 16, torch.Generator().manual_seed(0)).shape
+        torch.Size([3, 1, 16, 16])
+    """
+    h, w = x.shape[-2:]
+    if size > min(h, w):
+        raise TrainError(f"TrainConfig.crop: {size} exceeds the image size {h}x{w}")
+    tops = torch.randint(0, h - size + 1, (x.shape[0],), generator=gen).tolist()
+    lefts = torch.randint(0, w - size + 1, (x.shape[0],), generator=gen).tolist()
+    return torch.stack([img[:, t : t + size, le : le + size]
+                        for img, t, le in zip(x, tops, lefts, strict=True)])
+
+
 def _loss(kind: str, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     if kind == "l2":
         return F.mse_loss(r, x)
@@ -130,6 +170,9 @@ def train_model(
                          f"(got shape {tuple(images.shape)})")
     if not torch.isfinite(images).all():
         raise TrainError("training images: expected finite values (found NaN/Inf)")
+    if cfg.crop and (cfg.crop % 16 or cfg.crop > min(images.shape[-2:])):
+        raise TrainError(f"TrainConfig.crop: expected a multiple of 16 no larger than the "
+                         f"images {tuple(images.shape[-2:])} (got {cfg.crop})")
     dev = resolve_device(cfg.device)
     model.to(dev)
     model.train()
@@ -143,11 +186,14 @@ def train_model(
         total = 0.0
         for i in range(0, n, cfg.batch_size):
             batch = data[perm[i : i + cfg.batch_size]]
+            if cfg.crop:
+                batch = random_crops(batch, cfg.crop, gen)
             if cfg.augment:
                 batch = augment_batch(batch, gen, cfg.brightness, cfg.rot90)
-            batch = batch.to(dev)
+            inputs = corrupt_batch(batch, gen, cfg.inpaint)[0] if cfg.inpaint > 0 else batch
+            batch, inputs = batch.to(dev), inputs.to(dev)
             opt.zero_grad(set_to_none=True)
-            loss = _loss(cfg.loss, batch, model(batch))
+            loss = _loss(cfg.loss, batch, model(inputs))
             if not torch.isfinite(loss):
                 model.eval()
                 raise TrainError(f"training loss became non-finite at epoch {epoch} "

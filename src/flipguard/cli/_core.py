@@ -20,9 +20,33 @@ METRIC_KEYS = (
     "precision",
     "recall",
     "accuracy",
+    "fpr",
     "threshold",
     "n_test",
+    "infer_ms_per_image",
 )
+
+
+DEFAULTS: dict[str, Any] = {
+    "size": 128,
+    "resize": "stretch",
+    "width": 1.0,
+    "latent": 16,
+    "bottleneck": "spatial",
+    "latent_stride": 16,
+    "epochs": 100,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "loss": "l2+ssim",
+    "inpaint": 0.5,
+    "crop": 0,
+    "map": "auto",
+    "smooth": 2.0,
+    "standardize": True,
+    "fpr": 0.05,
+}
+"""Defaults of ``flipguard train`` (shared with ``benchmarks/bench_detector.py``)."""
+D = DEFAULTS
 
 
 def make_progress() -> Progress:
@@ -67,6 +91,15 @@ def metrics_table(metrics: dict[str, Any], title: str = "Detector metrics") -> T
         table.add_row(key, text)
     if metrics.get("oracle_f1") is not None:
         table.add_row("oracle_f1 (test-label threshold)", f"{metrics['oracle_f1']:.4f}")
+    if metrics.get("oracle_accuracy") is not None:
+        table.add_row("oracle_accuracy (same threshold)", f"{metrics['oracle_accuracy']:.4f}")
+    if metrics.get("threshold_method"):
+        fpr = metrics.get("target_fpr")
+        rule = metrics["threshold_method"]
+        if metrics.get("threshold_rule_used") not in (None, rule):
+            rule += f" ({metrics['threshold_rule_used']})"
+        rule += f", target fpr {fpr:g}" if fpr is not None else ""
+        table.add_row("threshold rule", rule)
     return table
 
 
@@ -91,27 +124,82 @@ def train(
     data: Path = typer.Option(..., "--data", help="Dataset root in MVTec AD layout."),
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
     category: str | None = typer.Option(None, "--category", help="Category sub-folder."),
-    size: int = typer.Option(128, "--size", help="Input size (divisible by 16)."),
+    size: int = typer.Option(D["size"], "--size", help="Input size (divisible by 16)."),
     channels: int | None = typer.Option(None, "--channels", help="1 or 3 (default: infer)."),
-    width: float = typer.Option(1.0, "--width", help="CAE width multiplier."),
-    latent: int = typer.Option(100, "--latent", help="Latent dimension."),
-    epochs: int = typer.Option(50, "--epochs", min=1),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float = typer.Option(2e-4, "--lr"),
-    loss: str = typer.Option("ssim", "--loss", help="l2 | ssim | l2+ssim"),
-    score_map: str = typer.Option("ssim", "--map", help="Anomaly map: l2 | ssim"),
-    smooth: float = typer.Option(2.0, "--smooth", help="Gaussian sigma of the map (0 = off)."),
+    resize: str = typer.Option(
+        D["resize"], "--resize", help="stretch (each axis to --size) | fit (keep aspect, pad)."
+    ),
+    width: float = typer.Option(D["width"], "--width", help="CAE width multiplier."),
+    latent: int = typer.Option(
+        D["latent"], "--latent",
+        help="Latent size: vector length, or channels of the spatial latent map.",
+    ),
+    bottleneck: str = typer.Option(
+        D["bottleneck"], "--bottleneck", help="vector (1x1 latent) | spatial (latent map)."
+    ),
+    latent_stride: int = typer.Option(
+        D["latent_stride"], "--latent-stride", help="Spatial latent map side = size / 16 or / 8."
+    ),
+    epochs: int = typer.Option(D["epochs"], "--epochs", min=1),
+    batch_size: int = typer.Option(D["batch_size"], "--batch-size", min=1),
+    lr: float = typer.Option(D["lr"], "--lr"),
+    loss: str = typer.Option(D["loss"], "--loss", help="l2 | ssim | l2+ssim"),
+    inpaint: float = typer.Option(
+        D["inpaint"], "--inpaint",
+        help="Share of training images given a synthetic defect to repair (0 = plain AE).",
+    ),
+    crop: int = typer.Option(
+        D["crop"], "--crop", help="Patch training: random crop side (multiple of 16; 0 = off)."
+    ),
+    score_map: str = typer.Option(
+        D["map"], "--map",
+        help="Anomaly map: l2 | ssim | msgms | auto (best on held-out normal images with "
+        "pasted synthetic defects; never the test set).",
+    ),
+    smooth: float = typer.Option(
+        D["smooth"], "--smooth", help="Gaussian sigma of the map (0 = off)."
+    ),
     reduce: str = typer.Option("max", "--reduce", help="Image score: max | mean"),
-    quantile: float = typer.Option(
-        0.99, "--quantile", help="Threshold quantile of normal val scores."
+    standardize: bool = typer.Option(
+        D["standardize"], "--standardize/--no-standardize",
+        help="Per-position z-scores of the map against normal training images.",
+    ),
+    threshold: str | None = typer.Option(
+        None, "--threshold",
+        help="Threshold rule on normal validation scores for --fpr: auto (default: empirical "
+        "if (n_val + 1) * fpr >= 2, else tail) | tail (fitted exponential tail) | empirical "
+        "(distribution-free order statistic) | quantile (legacy) | mean+kstd.",
+    ),
+    fpr: float = typer.Option(
+        D["fpr"], "--fpr",
+        help="Target false-positive rate on normal images (auto/tail/empirical rules).",
+    ),
+    quantile: float | None = typer.Option(
+        None, "--quantile", help="Legacy: threshold = this quantile of normal val scores "
+        "(implies --threshold quantile).",
+    ),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Share of train/good held out to calibrate the threshold."
     ),
     augment: bool = typer.Option(True, "--augment/--no-augment"),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
     """Train a CAE anomaly detector, calibrate its threshold on normal data, evaluate it."""
-    from flipguard.pipeline import train_detector
+    from flipguard.pipeline import check_options, train_detector
+    from flipguard.threshold import check_threshold_args
 
+    method = threshold or ("quantile" if quantile is not None else "auto")
+    q = 0.99 if quantile is None else quantile
+    model = {"width": width, "latent_dim": latent, "bottleneck": bottleneck,
+             "latent_stride": latent_stride}
+    train_opts = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "loss": loss,
+                  "inpaint": inpaint, "crop": crop, "augment": augment, "seed": seed}
+    score = {"map": score_map, "smooth_sigma": smooth, "reduce": reduce,
+             "standardize": standardize}
+    # one line, before anything is read or trained
+    check_threshold_args(method, fpr, q, 3.0)
+    check_options(size, resize, model, train_opts, score, val_fraction)
     with make_progress() as bar:
         run = train_detector(
             data,
@@ -119,17 +207,14 @@ def train(
             category=category,
             size=size,
             channels=channels,
-            model={"width": width, "latent_dim": latent},
-            train={
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": lr,
-                "loss": loss,
-                "augment": augment,
-                "seed": seed,
-            },
-            score={"map": score_map, "smooth_sigma": smooth, "reduce": reduce},
-            threshold_quantile=quantile,
+            resize=resize,
+            model=model,
+            train=train_opts,
+            score=score,
+            threshold_method=method,
+            threshold_fpr=fpr,
+            threshold_quantile=q,
+            val_fraction=val_fraction,
             split_seed=seed,
             progress=StageBars(bar),
         )

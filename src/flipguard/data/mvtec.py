@@ -3,9 +3,12 @@
 ``ROOT/[category/]{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}``
 
 Images (png/jpg/jpeg/bmp/tif/tiff, any case, any size, greyscale or colour) are resized to a
-square ``size`` (bilinear, antialiased when shrinking); masks use nearest-neighbour and are
-binarised (``> 0`` -> 1). Order is deterministic: train files sorted by name; test folders
-``good`` first, then defect types alphabetically, files sorted by name within each folder.
+square ``size`` (bilinear, antialiased when shrinking): ``resize="stretch"`` (default) scales
+each axis independently; ``resize="fit"`` keeps the aspect ratio (longer side = ``size``),
+centres the image and fills the margin by repeating the edge pixels (masks: margin = 0).
+Masks use nearest-neighbour and are binarised (``> 0`` -> 1). Order is deterministic: train
+files sorted by name; test folders ``good`` first, then defect types alphabetically, files
+sorted by name within each folder.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from PIL import Image
 from flipguard.errors import FlipguardError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+RESIZE_MODES = ("stretch", "fit")
 _GREY_MODES = {"1", "L"}
 _WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit greyscale (TIFF/PNG)
 _COLOUR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "HSV", "LAB"}
@@ -57,6 +61,7 @@ class MVTecDataset:
     test_masks: torch.Tensor | None
     train_paths: list[str] = field(default_factory=list)
     test_paths: list[str] = field(default_factory=list)
+    resize: str = "stretch"
 
     @property
     def defect_types(self) -> list[str]:
@@ -71,6 +76,8 @@ class MVTecDataset:
         """
         h = hashlib.sha256()
         h.update(f"size={self.size};channels={self.channels};".encode())
+        if self.resize != "stretch":  # stretch runs keep their historical fingerprints
+            h.update(f"resize={self.resize};".encode())
         for name, tensor in (("train", self.train), ("test", self.test)):
             arr = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
             h.update(f"{name}{arr.shape};".encode())
@@ -99,8 +106,10 @@ def load_mvtec(
     category: str | None = None,
     size: int = 128,
     channels: int | None = None,
+    resize: str = "stretch",
 ) -> MVTecDataset:
-    """Load an MVTec-layout dataset, resized to ``size`` x ``size``.
+    """Load an MVTec-layout dataset, resized to ``size`` x ``size`` (``resize``: "stretch" or
+    the aspect-preserving "fit", see the module docstring).
 
     ``channels=None`` infers: 1 if every image is greyscale, else 3 (a mix of greyscale and
     colour images is promoted to RGB). ``channels=1`` converts colour to luma; ``channels=3``
@@ -116,6 +125,8 @@ def load_mvtec(
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise DatasetError(f"{root}: size={size!r} is invalid; expected a positive integer")
     size = int(size)
+    if resize not in RESIZE_MODES:
+        raise DatasetError(f"{root}: resize={resize!r} is invalid; expected 'stretch' or 'fit'")
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise DatasetError(
             f"{root}: channels={channels!r} cannot be produced; expected None (infer), 1 or 3"
@@ -157,9 +168,10 @@ def load_mvtec(
             stacklevel=2,
         )
 
-    train_raw = _parallel_map(lambda p: _read_image(p, size)[0], train_files)
+    fit = resize == "fit"
+    train_raw = _parallel_map(lambda p: _read_image(p, size, fit)[0], train_files)
     test_raw = _parallel_map(
-        lambda pm: _read_test_pair(pm[0], pm[1], size),
+        lambda pm: _read_test_pair(pm[0], pm[1], size, fit),
         list(zip(test_files, mask_files, strict=True)),
     )
     test_imgs = [img for img, _ in test_raw]
@@ -186,6 +198,7 @@ def load_mvtec(
         test_masks=masks,
         train_paths=[str(p) for p in train_files],
         test_paths=[str(p) for p in test_files],
+        resize=resize,
     )
 
 
@@ -300,13 +313,32 @@ def _open(path: Path) -> Image.Image:
         raise DatasetError(f"{path}: cannot read image ({_one_line(exc)})") from None
 
 
-def _read_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _fit_geometry(orig: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """Aspect-preserving placement of an image of PIL size ``(w, h)`` in a ``size`` square:
+    ``(new_w, new_h, left, top)``."""
+    w, h = orig
+    scale = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    return nw, nh, (size - nw) // 2, (size - nh) // 2
+
+
+def _place(arr: np.ndarray, size: int, left: int, top: int, mode: str) -> np.ndarray:
+    """Pad an ``(h, w[, c])`` array to ``size`` x ``size`` at ``(left, top)``."""
+    h, w = arr.shape[:2]
+    pad = [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (arr.ndim - 2)
+    return np.pad(arr, pad, mode=mode)  # type: ignore[call-overload]
+
+
+def _read_image(
+    path: Path, size: int, fit: bool = False
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode, normalise mode and resize: float32 ``(size, size, 1 | 3)`` in [0, 1], orig size.
 
     Palette images whose colours are all grey count as greyscale; other palettes as RGB.
     """
     im = _open(path)
     orig, mode = im.size, im.mode
+    nw, nh, left, top = _fit_geometry(orig, size) if fit else (size, size, 0, 0)
     if mode not in _GREY_MODES | _COLOUR_MODES | _WIDE_GREY_MODES | {"F"}:
         raise DatasetError(
             f"{path}: unsupported image with {len(im.getbands())} channels (mode {mode}); "
@@ -321,11 +353,11 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
                 arr = arr / np.float32(255.0)
             arr = np.nan_to_num(np.clip(arr, 0.0, 1.0))
             f_im = Image.fromarray(arr.astype(np.float32), mode="F")
-            out = np.asarray(f_im.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+            out = np.asarray(f_im.resize((nw, nh), Image.Resampling.BILINEAR), np.float32)
         else:
             if mode not in ("L", "RGB"):
                 im = im.convert("L" if mode == "1" else "RGB")
-            out = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+            out = np.asarray(im.resize((nw, nh), Image.Resampling.BILINEAR), np.float32)
             out = out / np.float32(255.0)
             if mode in ("P", "PA") and _grey_palette(im):
                 out = out[:, :, :1]
@@ -333,6 +365,8 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
         raise DatasetError(f"{path}: cannot convert image mode {mode} ({_one_line(exc)})") from None
     if out.ndim == 2:
         out = out[:, :, None]
+    if fit:
+        out = _place(out, size, left, top, "edge")
     return np.clip(out, 0.0, 1.0), orig
 
 
@@ -341,7 +375,9 @@ def _grey_palette(rgb: Image.Image) -> bool:
     return all(c[1][0] == c[1][1] == c[1][2] for c in colours) and bool(colours)
 
 
-def _read_mask(path: Path, size: int, image_size: tuple[int, int], image: Path) -> np.ndarray:
+def _read_mask(
+    path: Path, size: int, image_size: tuple[int, int], image: Path, fit: bool = False
+) -> np.ndarray:
     im = _open(path)
     if im.size != image_size:
         raise DatasetError(
@@ -356,17 +392,19 @@ def _read_mask(path: Path, size: int, image_size: tuple[int, int], image: Path) 
         binary = (arr > 0).any(axis=-1)
     else:
         binary = arr > 0
+    nw, nh, left, top = _fit_geometry(image_size, size) if fit else (size, size, 0, 0)
     small = Image.fromarray(binary.astype(np.uint8) * 255, mode="L").resize(
-        (size, size), Image.Resampling.NEAREST
+        (nw, nh), Image.Resampling.NEAREST
     )
-    return (np.asarray(small) > 0).astype(np.float32)
+    out = (np.asarray(small) > 0).astype(np.float32)
+    return _place(out, size, left, top, "constant") if fit else out
 
 
 def _read_test_pair(
-    path: Path, mask: Path | None, size: int
+    path: Path, mask: Path | None, size: int, fit: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    img, orig = _read_image(path, size)
-    return img, (None if mask is None else _read_mask(mask, size, orig, path))
+    img, orig = _read_image(path, size, fit)
+    return img, (None if mask is None else _read_mask(mask, size, orig, path, fit))
 
 
 def _stack(arrays: Iterable[np.ndarray], channels: int, size: int) -> torch.Tensor:

@@ -5,11 +5,14 @@
   forcing modelled exactly in the fault path (``ReadPath.deliver``) with costs in bits;
 * :mod:`~flipguard.harden.planner` — which protections, greedy or exact, under a budget;
 * :mod:`~flipguard.harden.coverage` — fault locations each scheme covers, read-path cost;
+* :mod:`~flipguard.harden.costs` — what the protections in use cover and cost;
 * :mod:`~flipguard.harden.paired` — the same faults re-run with the protections active;
 * :mod:`~flipguard.harden.pairstats` — weighted paired test and interval of the improvement;
 * :mod:`~flipguard.harden.exposure` — the improvement over a hardware exposure model;
-* :mod:`~flipguard.harden.session` — ``flipguard harden``: plan, prove, write the result;
 * :mod:`~flipguard.harden.module` — deployable model with Ranger-style activation clamps.
+
+Everything here takes plain objects (a model, a campaign store, an engine builder);
+``flipguard harden RUN`` on a run directory is :mod:`flipguard.study.hardening`.
 
 >>> import torch
 >>> from flipguard.harden import Protection, ReadPath
@@ -20,9 +23,10 @@ True
 See docs/hardening.md.
 """
 
+from flipguard.harden.costs import coverage_summary
 from flipguard.harden.coverage import COVERAGE, LOCATIONS, Coverage
 from flipguard.harden.ecc import SecDed
-from flipguard.harden.exposure import exposure_cfr, split_exposure
+from flipguard.harden.exposure import exposure_cfr, paired_exposure, split_exposure
 from flipguard.harden.mechanisms import (
     POLICIES,
     SCHEMES,
@@ -33,16 +37,17 @@ from flipguard.harden.mechanisms import (
     parse_schemes,
 )
 from flipguard.harden.module import (
-    build_hardened,
+    attach_clamps,
     clamp_activation,
+    clamped_layers,
+    default_clamp_layers,
     harden_model,
     measure_input_bounds,
-    save_hardened_run,
+    open_clamps,
 )
 from flipguard.harden.paired import (
     HardeningError,
     PairedResult,
-    campaign_engines,
     check_fault_free,
     deliver_faults,
     paired_bootstrap,
@@ -65,21 +70,15 @@ from flipguard.harden.planner import (
     select,
     weight_bits,
 )
-from flipguard.harden.session import (
-    RESULT_FILE,
-    SCHEMA,
-    coverage_summary,
-    evaluate_protections,
-    harden_run,
-)
 
 __all__ = [
-    "COVERAGE", "LOCATIONS", "Coverage", "exposure_cfr", "split_exposure", "PairCell",
-    "PairedComparison", "compare_paired", "improvement_interval", "pair_cells", "sign_flip_test",
-    "SCHEMA", "coverage_summary", "evaluate_protections", "SecDed", "POLICIES", "SCHEMES",
-    "STATUS_NAMES", "Protection", "ReadPath", "constant_bits", "parse_schemes", "build_hardened",
-    "clamp_activation", "harden_model", "measure_input_bounds", "save_hardened_run", "RESULT_FILE",
-    "HardeningError", "PairedResult", "campaign_engines", "check_fault_free", "deliver_faults",
-    "harden_run", "paired_bootstrap", "paired_reinjection", "Candidate", "HardeningPlan",
-    "candidates", "improvement_curve", "plan_hardening", "select", "weight_bits",
+    "COVERAGE", "LOCATIONS", "Coverage", "exposure_cfr", "paired_exposure", "split_exposure",
+    "PairCell", "PairedComparison", "compare_paired", "improvement_interval", "pair_cells",
+    "sign_flip_test", "coverage_summary", "SecDed", "POLICIES", "SCHEMES", "STATUS_NAMES",
+    "Protection", "ReadPath", "constant_bits", "parse_schemes", "attach_clamps",
+    "clamp_activation", "clamped_layers", "default_clamp_layers", "harden_model",
+    "measure_input_bounds", "open_clamps", "HardeningError", "PairedResult",
+    "check_fault_free", "deliver_faults", "paired_bootstrap", "paired_reinjection",
+    "Candidate", "HardeningPlan", "candidates", "improvement_curve", "plan_hardening",
+    "select", "weight_bits",
 ]

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from flipguard.errors import ConfigError
 from flipguard.harden.coverage import COVERAGE, LOCATIONS
+from flipguard.ra import HardwareModel, Sites, analyse, build_exposure, parse_hardware
 
 __all__ = ["STRUCTURE_LOCATIONS", "covered_locations", "exposure_cfr", "location_of",
-           "split_exposure"]
+           "paired_exposure", "split_exposure"]
 
 STRUCTURE_LOCATIONS: dict[str, str] = {
     "weight_buffer": "storage", "activation_buffer": "storage", "output_buffer": "storage",
@@ -71,8 +72,6 @@ def _is_covered(location: str, covered: set[str]) -> bool:
 
 
 def _one_structure(hw: Any, keep: str) -> Any:
-    from flipguard.ra import HardwareModel
-
     class OneStructure(HardwareModel):
         """``hw`` with every structure but ``keep`` at upset weight 0."""
 
@@ -109,8 +108,6 @@ def split_exposure(model: nn.Module, x: Tensor, hardware: str, fmt: str = "fp32"
     >>> sorted(parts), round(sum(q.total for q in parts.values()) / p.total, 6)
     (['activation_buffer', 'output_buffer', 'pe', 'weight_buffer'], 1.0)
     """
-    from flipguard.ra import analyse, build_exposure, parse_hardware
-
     hw = parse_hardware(hardware)
     graph = analyse(model, x)
     full = build_exposure(model, x, hw, targets=targets, fmt=fmt, graph=graph)
@@ -133,8 +130,6 @@ def split_exposure(model: nn.Module, x: Tensor, hardware: str, fmt: str = "fp32"
 
 
 def _site_mass(dist: Any, faults: Sequence[Any]) -> np.ndarray:
-    from flipguard.ra import Sites
-
     sites = Sites.from_records([(f.target, f.layer, int(f.index), int(f.bits[0]))
                                 for f in faults])
     return dist.prob(sites) * dist.total
@@ -193,3 +188,13 @@ def exposure_cfr(full: Any, parts: dict[str, Any], faults: Sequence[Any],
             "whole_exposure": {"relative_improvement_if_same_cfr": (1 - u) * rel,
                                "relative_improvement_range": [whole_lo, rel]},
             "structures": {s: p.total / total for s, p in parts.items()}}
+
+
+def paired_exposure(model: nn.Module, x: Tensor, hardware: str, fmt: str, paired: Any,
+                    N: dict[str, int], schemes: Sequence[str | tuple[str, str]]
+                    ) -> dict[str, Any]:
+    """:func:`exposure_cfr` of a :class:`~flipguard.harden.paired.PairedResult` ``paired``
+    under ``hardware``'s exposure of ``model`` on sample ``x`` (stratum sizes ``N``)."""
+    full, parts = split_exposure(model, x, hardware, fmt)
+    return exposure_cfr(full, parts, paired.faults, paired.strata, N, paired.before,
+                        paired.after, list(dict.fromkeys(schemes)))

@@ -8,10 +8,9 @@ the next chosen layer), the model stays ``torch.fx`` traceable and the hook runs
 module is called. ``torch.clamp`` propagates NaN (``clamp(nan, lo, hi)`` is NaN), so NaN is
 first replaced by 0 and then clamped into ``[lo, hi]``; +/-inf clamp to the bounds.
 
-Saved as a run directory (``RUN/hardened/``) whose ``model`` section is
-``{"kind": "factory", "factory": "flipguard.harden.module:build_hardened",
-"params": {"base": <original model section>, "clamp_layers": [...]}}``, so
-``flipguard.run.load_run`` (and ``flipguard evaluate``) load it as is.
+:mod:`flipguard.study.hardening` saves it as a run directory (``RUN/hardened/``) that
+``load_run`` and ``flipguard evaluate`` load as is (``build_hardened`` rebuilds the base
+network and :func:`attach_clamps` gives it its buffers back).
 
 >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
 >>> hard = harden_model(net, {"2": (0.0, 1.0)})
@@ -24,20 +23,19 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from flipguard.errors import ConfigError
+from flipguard.faults import DEFAULT_LAYER_TYPES
+from flipguard.layers import eval_mode, forward_hooks
 
-__all__ = ["BUFFER_HI", "BUFFER_LO", "FACTORY", "attach_clamps", "build_hardened",
-           "clamp_activation", "clamped_layers", "default_clamp_layers", "harden_model",
-           "measure_input_bounds", "save_hardened_run"]
+__all__ = ["BUFFER_HI", "BUFFER_LO", "attach_clamps", "clamp_activation", "clamped_layers",
+           "default_clamp_layers", "harden_model", "measure_input_bounds", "open_clamps"]
 
 BUFFER_LO, BUFFER_HI = "fg_act_lo", "fg_act_hi"
-FACTORY = "flipguard.harden.module:build_hardened"
 
 
 def clamp_activation(x: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
@@ -91,32 +89,34 @@ def clamped_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if hasattr(m, BUFFER_LO)]
 
 
+def open_clamps(model: nn.Module, layers: Sequence[str]) -> nn.Module:
+    """In place: clamp buffers on ``layers`` at ``[-inf, inf]`` (filled by ``load_state_dict``
+    of a saved hardened model)."""
+    return attach_clamps(model, {n: (-math.inf, math.inf) for n in layers})
+
+
 def measure_input_bounds(model: nn.Module, inputs: Tensor, layers: Sequence[str],
                          batch_size: int = 32) -> dict[str, tuple[float, float]]:
-    """Per-layer (min, max) of the (first) input of each of ``layers`` over ``inputs``."""
+    """Per-layer (min, max) of the (first) input of each of ``layers`` over ``inputs``.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+    >>> measure_input_bounds(net, torch.tensor([[-1.0], [2.0]]), ["0"])
+    {'0': (-1.0, 2.0)}
+    """
     lo = {n: math.inf for n in layers}
     hi = {n: -math.inf for n in layers}
 
-    def hook_for(name: str):
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            x = x[torch.isfinite(x)]
-            if x.numel():
-                lo[name] = min(lo[name], float(x.min()))
-                hi[name] = max(hi[name], float(x.max()))
-        return hook
+    def record(name: str, _m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        x = args[0].detach()
+        x = x[torch.isfinite(x)]
+        if x.numel():
+            lo[name] = min(lo[name], float(x.min()))
+            hi[name] = max(hi[name], float(x.max()))
 
-    handles = [_module(model, n).register_forward_pre_hook(hook_for(n)) for n in layers]
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for i in range(0, inputs.shape[0], batch_size):
-                model(inputs[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    mods = {n: _module(model, n) for n in layers}
+    with eval_mode(model), forward_hooks(mods, record), torch.no_grad():
+        for i in range(0, inputs.shape[0], batch_size):
+            model(inputs[i:i + batch_size])
     missing = [n for n in layers if lo[n] > hi[n]]
     if missing:
         raise ConfigError(f"clamp_layers: {missing[0]!r} received no finite input")
@@ -125,44 +125,19 @@ def measure_input_bounds(model: nn.Module, inputs: Tensor, layers: Sequence[str]
 
 def default_clamp_layers(model: nn.Module, example_input: Tensor) -> list[str]:
     """Parametrised layers (conv/linear) in execution order, except the first one (its
-    input is the image, not an activation)."""
-    from flipguard.faults import DEFAULT_LAYER_TYPES
+    input is the image, not an activation).
 
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    >>> default_clamp_layers(net, torch.zeros(1, 2))
+    ['2']
+    """
     order: list[str] = []
+
+    def record(name: str, *_: Any) -> None:
+        if name not in order:
+            order.append(name)
+
     mods = {n: m for n, m in model.named_modules() if isinstance(m, DEFAULT_LAYER_TYPES)}
-    handles = [m.register_forward_pre_hook(
-        lambda _m, _a, n=n: order.append(n) if n not in order else None)
-        for n, m in mods.items()]
-    try:
-        with torch.no_grad():
-            model(example_input[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks(mods, record), torch.no_grad():
+        model(example_input[:1])
     return order[1:]
-
-
-def build_hardened(base: Mapping[str, Any], clamp_layers: Sequence[str]) -> nn.Module:
-    """Factory used by ``flipguard.run.load_run``: the base model section's network with
-    clamp buffers (filled by ``load_state_dict``) on ``clamp_layers``."""
-    from flipguard.run import ModelSection, build_model
-
-    model = build_model(ModelSection(**dict(base)))
-    return attach_clamps(model, {n: (-math.inf, math.inf) for n in clamp_layers})
-
-
-def save_hardened_run(run: Any, hardened: nn.Module, out: str | Path | None = None,
-                      metrics: dict[str, Any] | None = None) -> Path:
-    """Write ``hardened`` as a run directory (default ``RUN/hardened``) loadable by
-    ``flipguard.run.load_run`` and evaluable with ``flipguard evaluate``."""
-    from flipguard.run import ModelSection, save_run
-
-    base = run.config.model
-    if base.kind == "factory" and base.factory == FACTORY:
-        raise ConfigError(f"{run.path}: already a hardened run; harden the original run")
-    section = ModelSection(kind="factory", factory=FACTORY,
-                           params={"base": base.model_dump(),
-                                   "clamp_layers": clamped_layers(hardened)})
-    config = run.config.model_copy(update={"model": section})
-    return save_run(Path(out) if out is not None else Path(run.path) / "hardened", config,
-                    hardened, metrics)

@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from torch import nn
 
+from flipguard.campaign.stats import stratified
 from flipguard.errors import FlipguardError
 from flipguard.faults import Fault, NumberFormat, get_format
 from flipguard.harden.mechanisms import (
@@ -44,12 +46,10 @@ from flipguard.harden.mechanisms import (
 )
 from flipguard.harden.pairstats import compare_paired, pair_cells
 from flipguard.harden.planner import tensor_words
+from flipguard.inject import CRITICAL, Golden, Outcome, parse_criterion
 
-__all__ = ["Delivered", "HardeningError", "PairedResult", "campaign_engines",
-           "check_fault_free", "deliver_faults", "paired_bootstrap", "paired_reinjection",
-           "stratified_cfr"]
-
-CRITICAL = ("sdc-critical", "non-finite")
+__all__ = ["Delivered", "HardeningError", "PairedResult", "check_fault_free", "deliver_faults",
+           "paired_bootstrap", "paired_reinjection", "stratified_cfr"]
 
 
 class HardeningError(FlipguardError):
@@ -131,8 +131,6 @@ def deliver_faults(model: nn.Module, faults: Sequence[Fault], protections: Seque
 def stratified_cfr(critical: np.ndarray, strata: Sequence[str], N: dict[str, int],
                    confidence: float = 0.99) -> dict[str, Any]:
     """``{"cfr", "ci", "n", "critical"}``: stratified CFR of per-fault flags."""
-    from flipguard.campaign.stats import stratified
-
     crit = np.asarray(critical, dtype=bool)
     keys = np.asarray(strata)
     cells = [(int(N[k]), int((keys == k).sum()), int(crit[keys == k].sum()))
@@ -225,8 +223,6 @@ class PairedResult:
 
 
 def _mcnemar(before: np.ndarray, after: np.ndarray) -> float:
-    from scipy.stats import binomtest
-
     fixed = int((before & ~after).sum())
     broken = int((~before & after).sum())
     if fixed + broken == 0:
@@ -251,8 +247,6 @@ def paired_reinjection(store: Any, model: nn.Module, protections: Sequence[Prote
     the engine of the campaign (same inputs/task/format) for model ``m``. ``n_boot``: Monte
     Carlo draws of the sign-flip test when its null cannot be enumerated; ``confidence``: of
     the improvement interval."""
-    from flipguard.inject import Golden, Outcome, parse_criterion
-
     crit = parse_criterion(criterion)
     fmt = get_format(store.definition.get("plan", {}).get("fmt", "fp32"))
     results = store.results()
@@ -305,31 +299,3 @@ def paired_reinjection(store: Any, model: nn.Module, protections: Sequence[Prote
                         stratified_cfr(after, strata, N, conf), cmp.relative_improvement,
                         cmp.ci, _mcnemar(before, after), statuses, len(rerun), fault_free,
                         comparison=cmp.to_dict(), strata=strata, faults=faults)
-
-
-def campaign_engines(r: Any, store: Any) -> Callable[[nn.Module], Any]:
-    """``engine_for(model)`` of :func:`paired_reinjection` for loaded run ``r`` and its
-    campaign ``store``: the campaign's inputs, task and number format (the run's own engine
-    for the run's model, a new one over the same inputs for a hardened copy)."""
-    from flipguard.inject import Engine
-    from flipguard.study.engines import RunEngineFactory
-
-    d = store.definition
-    fmt = get_format(d.get("plan", {}).get("fmt", "fp32"))
-    eng_d = d.get("engine") or {}
-    factory = RunEngineFactory(str(r.path), images=eng_d.get("images"), fmt=fmt.name,
-                               data_dir=eng_d.get("data_dir"))
-
-    def engine_for(m: nn.Module) -> Any:
-        base = factory()
-        return base if m is r.model else Engine(m, base.inputs, base.task, fmt=fmt.name)
-
-    return engine_for
-
-
-def __getattr__(name: str) -> Any:  # harden_run, RESULT_FILE, SCHEMA moved to .session
-    if name in ("harden_run", "RESULT_FILE", "SCHEMA"):
-        from flipguard.harden import session
-
-        return getattr(session, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

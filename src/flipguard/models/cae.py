@@ -14,7 +14,7 @@ parameters (``count_parameters(build_cae(CAEConfig()))``).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -81,7 +81,15 @@ class CAEConfig(StrictConfig):
     input_size: int = Field(128, description="image side in pixels; a multiple of 16")
     channels: int = Field(1, ge=1, description="image channels (1 = grey, 3 = RGB)")
     width: float = Field(1.0, gt=0, description="multiplier of the 32/64/128 channel counts")
-    latent_dim: int = Field(100, ge=1, description="size of the bottleneck vector")
+    latent_dim: int = Field(100, ge=1, description="bottleneck size: vector length, or channels "
+                            "of the (input/16)^2 map when bottleneck='spatial'")
+    bottleneck: Literal["vector", "spatial"] = Field(
+        "vector", description="'vector': 1x1 latent (Bergmann); 'spatial': fully convolutional"
+    )
+    latent_stride: Literal[8, 16] = Field(
+        16, description="spatial bottleneck only: latent map side = input side / latent_stride "
+        "(8: the last 4x4/2 layer becomes 3x3/1)",
+    )
     seed: int = Field(0, ge=0, description="seed of the weight initialisation")
 
     @field_validator("input_size")
@@ -135,21 +143,31 @@ def build_cae(cfg: CAEConfig | None = None) -> CAE:
         torch.Size([1, 1, 64, 64])
     """
     cfg = cfg or CAEConfig()
-    chans = [max(1, round(c * cfg.width)) for c, _, _ in _BODY]
-    latent_k = cfg.input_size // 16
+    spatial = cfg.bottleneck == "spatial"
+    if cfg.latent_stride == 8 and not spatial:
+        raise ConfigError("CAEConfig.latent_stride: 8 needs bottleneck='spatial'")
+    body = list(_BODY)
+    if cfg.latent_stride == 8:
+        body[5] = (body[5][0], 3, 1)
+    chans = [max(1, round(c * cfg.width)) for c, _, _ in body]
+    latent_k = 3 if spatial else cfg.input_size // 16
+    latent_pad = 1 if spatial else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         enc: list[nn.Module] = []
         c_in = cfg.channels
-        for c_out, (_, k, s) in zip(chans, _BODY, strict=True):
+        for c_out, (_, k, s) in zip(chans, body, strict=True):
             enc += [nn.Conv2d(c_in, c_out, k, stride=s, padding=1), _act()]
             c_in = c_out
-        enc.append(nn.Conv2d(c_in, cfg.latent_dim, latent_k))  # linear latent layer
-
-        dec: list[nn.Module] = [nn.ConvTranspose2d(cfg.latent_dim, c_in, latent_k), _act()]
+        # linear latent layer: a vector (k = side/16, valid) or a map (3x3, same)
+        enc.append(nn.Conv2d(c_in, cfg.latent_dim, latent_k, padding=latent_pad))
+        dec: list[nn.Module] = [
+            nn.ConvTranspose2d(cfg.latent_dim, c_in, latent_k, padding=latent_pad),
+            _act(),
+        ]
         # Mirror: decoder layer i inverts encoder layer j (from the 2nd-to-last back to 0).
-        for j in range(len(_BODY) - 1, -1, -1):
-            _, k, s = _BODY[j]
+        for j in range(len(body) - 1, -1, -1):
+            _, k, s = body[j]
             last = j == 0
             c_out = cfg.channels if last else chans[j - 1]
             dec.append(nn.ConvTranspose2d(chans[j], c_out, k, stride=s, padding=1))
@@ -175,7 +193,10 @@ def _init_weights(model: CAE) -> None:
         kh, kw = m.kernel_size
         fan = m.in_channels * kh * kw
         if isinstance(m, nn.ConvTranspose2d):
-            fan = m.in_channels if m is first_dec else fan / (m.stride[0] * m.stride[1])
+            if m is first_dec and m.padding == (0, 0):
+                fan = m.in_channels  # its input is 1x1
+            else:
+                fan = fan / (m.stride[0] * m.stride[1])
         with torch.no_grad():
             m.weight.normal_(0.0, gain / math.sqrt(fan))
             if m.bias is not None:

@@ -50,7 +50,13 @@ from flipguard.ra.proposal import (
     make_proposal,
     register_proposal,
 )
-from flipguard.ra.resiliency import RAConfig, resiliency_accuracy, result_dict, stream_key
+from flipguard.ra.resiliency import (
+    RAConfig,
+    resiliency_accuracy,
+    result_dict,
+    reweighted_accuracy,
+    stream_key,
+)
 from flipguard.ra.store import STORE_FILE, CachedEvaluator, RAStore, RAStoreError
 from flipguard.ra.structures import SiteExposure
 from flipguard.ra.systolic import SystolicConfig, SystolicModel, load_systolic
@@ -59,7 +65,8 @@ from flipguard.ra.weights import cell_ratios, max_ratio
 __all__ = [
     "Block", "Distribution", "Mixture", "SiteDistribution", "Sites", "Term",
     "EngineEvaluator", "Estimate", "RAConfig", "estimate_ra", "exhaustive",
-    "resiliency_accuracy", "result_dict", "reweight", "stream_key", "summarise",
+    "resiliency_accuracy", "result_dict", "reweight", "reweighted_accuracy", "stream_key",
+    "summarise",
     "weight_bound_of", "INTERVALS", "BettingCS", "EmpiricalBernsteinCS", "make_cs",
     "cell_ratios", "max_ratio",
     "GEMM_TYPES", "HardwareModel", "Layer", "LayerGraph", "MemoryModel", "UniformModel",

@@ -13,6 +13,7 @@ import numpy as np
 
 from flipguard.errors import ConfigError
 from flipguard.faults import NumberFormat
+from flipguard.ra.confseq import reach
 from flipguard.ra.distribution import Block, Distribution, Mixture, SiteDistribution, Sites
 from flipguard.ra.proposal import (
     BitFieldProposal,
@@ -23,6 +24,7 @@ from flipguard.ra.proposal import (
     defensive,
     register_proposal,
 )
+from flipguard.ra.weights import cell_ratios
 
 __all__ = ["AdaptiveMixture", "AdaptiveProposal", "SHARES"]
 
@@ -122,8 +124,6 @@ class AdaptiveMixture(Distribution):
         ``h`` is filled like ``P``); at most ``1 / alpha``."""
         live = self.pc > 0
         if self._rmin is None:
-            from flipguard.ra.weights import cell_ratios
-
             self._rmin = cell_ratios(self.start, self.p, self.nbits)[0]
         ratio = np.where(self.shape_now, self._rmin, 1.0)
         hp = np.divide(self.hc, self.pc, out=np.zeros_like(self.hc), where=live)
@@ -213,8 +213,6 @@ class AdaptiveMixture(Distribution):
         predicted (:func:`~flipguard.ra.confseq.reach`) to be narrowest after twice the
         samples so far, with the variance of each share estimated from every sample (the
         non-zero drops, re-weighted to that share's proposal) and its weight bound."""
-        from flipguard.ra.confseq import reach
-
         blk, bit, inv_rho, w, d = (np.concatenate(x) for x in zip(*self._nz, strict=True))
         n = max(self.n_all, 1)
         mean = self.sum_wd / n

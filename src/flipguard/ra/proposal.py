@@ -38,8 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flipguard.criticality import CLASS_PRIORS, Predictor, classes_of_rho
 from flipguard.errors import ConfigError
 from flipguard.faults import FloatFormat, NumberFormat, get_format
+from flipguard.inject import ClassificationTask
+from flipguard.layers import eval_mode, forward_hooks
 from flipguard.ra.distribution import (
     Block,
     Mixture,
@@ -265,8 +268,6 @@ class CriticalityProposal(Proposal):
         return {"name": self.name, "criterion": self.criterion, "max_images": self.max_images}
 
     def heuristic(self, p: SiteDistribution, ctx: ProposalContext) -> SiteDistribution:
-        from flipguard.criticality import CLASS_PRIORS, Predictor, classes_of_rho
-
         pred = self.predictor
         if pred is None:
             if ctx.model is None or ctx.inputs is None:
@@ -292,8 +293,6 @@ class CriticalityProposal(Proposal):
 def _task_of(ctx: ProposalContext) -> Any:
     """The engine's task behind ``ctx.evaluate`` (an ``EngineEvaluator``, maybe cached), else
     a classification task of ``ctx.labels``."""
-    from flipguard.inject import ClassificationTask
-
     ev = ctx.evaluate
     for obj in (ev, getattr(ev, "evaluate", None)):
         engine = getattr(obj, "engine", None)
@@ -310,35 +309,27 @@ def _sensitivities(ctx: ProposalContext, keys: set[tuple[str, str]],
     assert model is not None
     mods = dict(model.named_modules())
     acts: dict[str, Tensor] = {}
-    handles = []
-    for target, layer in keys:
-        if target == "activation" and layer in mods:
-            def hook(_m, _i, out, layer=layer):
-                acts[layer] = out
-            handles.append(mods[layer].register_forward_hook(hook))
+
+    def keep(name: str, _m: nn.Module, _i: tuple, out: Any) -> None:
+        acts[name] = out
+
+    hooked = {ly: mods[ly] for t, ly in keys if t == "activation" and ly in mods}
     params = {(t, ly): getattr(mods[ly], t) for t, ly in keys
               if t != "activation" and isinstance(getattr(mods.get(ly), t, None), Tensor)}
-    was = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            out = model(x)
-            if ctx.task == "classification" and ctx.labels is not None:
-                y = torch.as_tensor(np.asarray(ctx.labels)[:images], dtype=torch.long)
-                loss = F.cross_entropy(out, y, reduction="sum")
-            elif out.shape == x.shape:
-                loss = F.mse_loss(out, x, reduction="sum")
-            else:
-                loss = out.abs().sum()
-            act_keys = [("activation", ly) for t, ly in sorted(keys)
-                        if t == "activation" and ly in acts]
-            names = list(params) + act_keys
-            wrt = list(params.values()) + [acts[ly] for _, ly in act_keys]
-            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    with eval_mode(model), forward_hooks(hooked, keep), torch.enable_grad():
+        out = model(x)
+        if ctx.task == "classification" and ctx.labels is not None:
+            y = torch.as_tensor(np.asarray(ctx.labels)[:images], dtype=torch.long)
+            loss = F.cross_entropy(out, y, reduction="sum")
+        elif out.shape == x.shape:
+            loss = F.mse_loss(out, x, reduction="sum")
+        else:
+            loss = out.abs().sum()
+        act_keys = [("activation", ly) for t, ly in sorted(keys)
+                    if t == "activation" and ly in acts]
+        names = list(params) + act_keys
+        wrt = list(params.values()) + [acts[ly] for _, ly in act_keys]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     res = {}
     for key, v, g in zip(names, wrt, grads, strict=True):
         if g is None:

@@ -1,5 +1,6 @@
 """One RA estimation of an engine's model: settings (:class:`RAConfig`), the run
-(:func:`resiliency_accuracy`) and its documented result dict (:func:`result_dict`).
+(:func:`resiliency_accuracy`), the re-weighting of stored samples to another exposure model
+(:func:`reweighted_accuracy`) and the documented result dict (:func:`result_dict`).
 
 >>> RAConfig(hardware="systolic", estimator="is").interval
 'betting-cs'
@@ -7,6 +8,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,9 +17,14 @@ from typing import Any
 from flipguard.errors import ConfigError
 from flipguard.ra.confseq import INTERVALS
 from flipguard.ra.distribution import SiteDistribution
-from flipguard.ra.estimators import EngineEvaluator, Estimate, _check, estimate_ra
+from flipguard.ra.estimators import EngineEvaluator, Estimate, _check, estimate_ra, reweight
+from flipguard.ra.exposure import RA_TARGETS, build_exposure, parse_hardware
+from flipguard.ra.proposal import PROPOSALS, ProposalContext, defensive, make_proposal
+from flipguard.ra.store import CachedEvaluator
+from flipguard.ra.weights import max_ratio
 
-__all__ = ["RAConfig", "stream_key", "resiliency_accuracy", "result_dict"]
+__all__ = ["RAConfig", "stream_key", "resiliency_accuracy", "result_dict",
+           "reweighted_accuracy"]
 
 
 @dataclass
@@ -40,10 +48,12 @@ class RAConfig:
     interval: str = "betting-cs"
 
     def validate(self) -> None:
-        """Raise a one-line ConfigError for a bad setting (before any work is done)."""
-        from flipguard.ra.exposure import RA_TARGETS, parse_hardware
-        from flipguard.ra.proposal import PROPOSALS
+        """Raise a one-line ConfigError for a bad setting (before any work is done).
 
+        >>> RAConfig(min_samples=100, max_samples=10).validate()
+        Traceback (most recent call last):
+        flipguard.errors.ConfigError: --min-samples: 100 is more than --max-samples 10
+        """
         if self.estimator not in ("mc", "is"):
             raise ConfigError(f"--estimator: expected 'mc' or 'is', got {self.estimator!r}")
         bad = [t for t in self.targets if t not in RA_TARGETS]
@@ -58,6 +68,9 @@ class RAConfig:
         if not 0 < self.confidence < 1:
             raise ConfigError(f"--confidence: expected a value in (0, 1), got {self.confidence}")
         _check(self.target_margin, self.max_samples, self.min_samples, self.batch)
+        if self.min_samples > self.max_samples:
+            raise ConfigError(f"--min-samples: {self.min_samples} is more than --max-samples "
+                              f"{self.max_samples}")
         if self.interval not in INTERVALS:
             raise ConfigError(f"--interval: expected one of {', '.join(INTERVALS)}, got "
                               f"{self.interval!r}")
@@ -75,9 +88,6 @@ class RAConfig:
 
 def stream_key(info: dict[str, Any]) -> str:
     """Stable short key of a stream's settings."""
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,10 +100,6 @@ def resiliency_accuracy(engine: Any, cfg: RAConfig, store: Any | None = None,
     >>> cfg = RAConfig(hardware="systolic", estimator="is")
     >>> res = resiliency_accuracy(engine, cfg, RAStore(run / "ra.sqlite"))  # doctest: +SKIP
     """
-    from flipguard.ra.exposure import build_exposure, parse_hardware
-    from flipguard.ra.proposal import ProposalContext, defensive, make_proposal
-    from flipguard.ra.store import CachedEvaluator
-
     cfg.validate()
     hw = parse_hardware(cfg.hardware)
     p = build_exposure(engine.model, engine.inputs[:1], hw, cfg.targets, cfg.fmt, cfg.layers)
@@ -148,3 +154,35 @@ def result_dict(est: Estimate, cfg: RAConfig, p: SiteDistribution, info: dict[st
     if extra:
         out.update(extra)
     return out
+
+
+def reweighted_accuracy(engine: Any, cfg: RAConfig, store: Any, base_hw: str) -> dict[str, Any]:
+    """RA under ``cfg.hardware`` from the samples ``store`` holds for exposure model
+    ``base_hw`` (same targets, format and layers), re-weighted by ``P_new / q`` without
+    injecting; refused when ``base_hw``'s exposure does not cover every site of the new one.
+    Returns the :func:`result_dict` with ``reweighted_from``."""
+    want = {"targets": list(cfg.targets), "format": cfg.fmt,
+            "layers": None if cfg.layers is None else list(cfg.layers)}
+    found = [s for s in store.streams() if s["info"].get("hardware") == base_hw and s["samples"]
+             and all(s["info"].get(k) == v for k, v in want.items())]
+    if not found:
+        raise ConfigError(f"--reweight-from: no stored samples for hardware {base_hw!r} with "
+                          f"these targets/format in {store.path}")
+    src = max(found, key=lambda s: s["samples"])
+    x = engine.inputs[:1]
+    p_base = build_exposure(engine.model, x, base_hw, cfg.targets, cfg.fmt, cfg.layers)
+    p_new = build_exposure(engine.model, x, cfg.hardware, cfg.targets, cfg.fmt, cfg.layers)
+    if not p_base.covers(p_new):
+        raise ConfigError(f"--reweight-from: samples drawn under {base_hw!r} do not cover every "
+                          f"site that {cfg.hardware!r} can hit; estimate it directly")
+    sites, q, _, acc = store.samples(src["stream"])
+    golden = float(engine.golden.accuracy)
+    # every proposal of the stream satisfies q >= alpha * P_base (MC: q = P_base), so
+    # P_new / q <= sup(P_new / P_base) / alpha: the term bound of a valid interval
+    share = src["info"].get("alpha") if src["info"]["estimator"] == "is" else 1.0
+    bound = max_ratio(p_new, p_base) / float(share or 1.0)
+    est = reweight(sites, q, acc, p_new, golden, cfg.confidence, src["info"]["estimator"],
+                   bound, cfg.interval)
+    info = {**src["info"], "hardware": cfg.hardware, "hardware_config": p_new.info["config"]}
+    return result_dict(est, cfg, p_new, info, src["stream"], 0, engine,
+                       {"reweighted_from": {"hardware": base_hw, "stream": src["stream"]}})

@@ -30,8 +30,9 @@ from flipguard.faults import FloatFormat, NumberFormat
 from flipguard.ra.accumulator import psum_map, requant_ratio
 from flipguard.ra.buffers import ActivationPlacement, place_activations
 from flipguard.ra.distribution import Term
-from flipguard.ra.exposure import HardwareModel, Layer, LayerGraph
+from flipguard.ra.graph import Layer, LayerGraph
 from flipguard.ra.hwconfig import DATAFLOWS, DEFAULT_TOML, SystolicConfig, load_systolic
+from flipguard.ra.hwmodel import HardwareModel
 from flipguard.ra.structures import SiteExposure, scaled
 
 __all__ = ["SystolicConfig", "SystolicModel", "load_systolic", "DEFAULT_TOML", "DATAFLOWS"]

@@ -1,8 +1,11 @@
-"""The reliability report: figures, tables and ONE self-contained HTML file per run.
+"""The reliability report: figures, tables and ONE self-contained HTML file per run, rendered
+from a plain-data :class:`ReportContext` (``flipguard.study.reports.collect`` fills one from a
+run directory, ``flipguard.study.reports.build_report`` writes it).
 
->>> from flipguard.report import build_report
->>> build_report("runs/demo", criterion="accuracy-drop:0.01")   # doctest: +SKIP
-PosixPath('runs/demo/report.html')
+>>> import tempfile
+>>> from pathlib import Path
+>>> render_report(ReportContext(Path(tempfile.mkdtemp()), metrics={"image_auroc": 0.9})).name
+'report.html'
 
 Add a section with one function (``None`` when its data is absent)::
 
@@ -23,8 +26,7 @@ from flipguard.report import (  # noqa: F401 - importing registers the built-in 
     content_extras,
     summary,
 )
-from flipguard.report.adapter import collect
-from flipguard.report.build import build_report, render_report
+from flipguard.report.build import render_report, write_report
 from flipguard.report.sections import (
     SECTIONS,
     CampaignData,
@@ -51,9 +53,8 @@ __all__ = [
     "ReportContext",
     "Section",
     "Table",
-    "build_report",
-    "collect",
     "make_sections",
     "render_report",
     "section",
+    "write_report",
 ]

@@ -1,8 +1,6 @@
-"""Write the report: ``RUN/report.html`` (self-contained), ``RUN/report.md``, CSV tables in
-``RUN/report/*.csv`` and figures in ``RUN/report/figures/*.png|svg`` (all atomic).
-
->>> build_report("runs/demo")                     # doctest: +SKIP
-PosixPath('runs/demo/report.html')
+"""Write the report of a plain-data :class:`ReportContext`: ``report.html`` (self-contained),
+``report.md``, CSV tables in ``report/*.csv`` and figures in ``report/figures/*.png|svg``
+(all atomic). Collecting a run directory's context is :mod:`flipguard.study.reports`.
 """
 
 from __future__ import annotations
@@ -15,13 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flipguard.campaign.stats import DEFAULT_METHOD
 from flipguard.errors import ConfigError
 from flipguard.fileio import atomic_write
 from flipguard.report.html import render_html, render_markdown
 from flipguard.report.sections import Figure, ReportContext, Section, Table, make_sections
 
-__all__ = ["ReportFiles", "build_report", "render_report", "table_csv", "write_report"]
+__all__ = ["ReportFiles", "render_report", "table_csv", "write_report"]
 
 MANIFEST = ".flipguard-report.json"
 """Inside the assets folder: every file the last report wrote, with its sha256."""
@@ -157,23 +154,3 @@ def write_report(sections: Sequence[Section], out: str | Path, title: str,
     atomic_write(files.html, render_html(sections, title, subtitle, files.assets.name))
     return files.html
 
-
-def build_report(run_dir: str | Path, criterion: str = "accuracy-drop:0.01",
-                 out: str | Path | None = None, *, method: str = DEFAULT_METHOD,
-                 kernel_layers: Sequence[str] | None = None,
-                 bit_layers: Sequence[str] | None = None, examples: int = 6) -> Path:
-    """Build the reliability report of a run directory; returns the HTML path.
-
-    ``out`` defaults to ``RUN/report.html``; the Markdown goes beside it and the CSV/figure
-    files to ``<out without suffix>/``. ``kernel_layers``/``bit_layers`` choose the layers of
-    the per-kernel figures and of the per-layer bit panels. A partial campaign is flagged;
-    a run without a campaign gets the detector sections and a note.
-
-    >>> build_report("runs/demo", criterion="any-flip").name   # doctest: +SKIP
-    'report.html'
-    """
-    from flipguard.report.adapter import collect
-
-    ctx = collect(run_dir, criterion, method, kernel_layers=kernel_layers,
-                  bit_layers=bit_layers, examples=examples)
-    return render_report(ctx, out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from flipguard.faults import get_format
 from flipguard.report.figures import render
 from flipguard.report.figures_cfr import (
     cfr_bit_figure,
@@ -79,6 +80,9 @@ def _crit(ctx: ReportContext) -> str:
 def campaign(ctx: ReportContext) -> Section:
     """Plan vs executed counts, margins achieved, per-stratum progress."""
     c = ctx.campaign
+    withheld = ctx.withheld_note("campaign")
+    if withheld is not None:
+        return Section("Fault-injection campaign", [withheld])
     if c is None:
         return Section("Fault-injection campaign", [Note(
             "No fault-injection campaign has been run for this run directory yet (no "
@@ -198,8 +202,6 @@ def bit_layers(ctx: ReportContext) -> list[str]:
 
 
 def _with_field(rows: Sequence[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
-    from flipguard.faults import get_format
-
     form = get_format(fmt)
     out = []
     for r in rows:

@@ -1,6 +1,6 @@
 """The calibration section: predicted vs observed criticality of the executed campaign faults.
 
-``ctx.extras["calibration"]`` (filled by :func:`flipguard.report.adapter.calibration_data`)
+``ctx.extras["calibration"]`` (filled by :func:`flipguard.study.reports.calibration_data`)
 is a dict with ``criterion``, ``confidence``, ``source`` (``"predictor"``: a uniform
 campaign's faults classified by the run's cached criticality predictor; ``"substrata"``: the
 classes of a criticality-stratified plan) and ``rows`` of

@@ -25,7 +25,7 @@ from flipguard.report.sections import (
     Table,
     section,
 )
-from flipguard.report.summary import flatten
+from flipguard.report.text import flatten, hardening_text, ra_text
 
 __all__ = ["generic_blocks", "hardening", "hardening_text", "ra_text", "resiliency",
            "rows_table"]
@@ -138,59 +138,15 @@ def _pair_rows(d: dict[str, Any], key: str, value: str) -> list[dict[str, Any]]:
     return [{key: k, value: v} for k, v in d.items()]
 
 
-def hardening_text(h: dict[str, Any]) -> str | None:
-    """One sentence on the hardening result: measured (paired re-injection) when present,
-    else the planner's expectation.
-
-    >>> hardening_text({"overhead": 0.02, "cfr_before": {"cfr": 0.1}, "cfr_after": {"cfr": 0.05},
-    ...                 "n_faults": 300})[:60]
-    'With 2 % extra storage the measured CFR falls from 10 % to 5'
-    """
-    pct = lambda v: f"{fmt_value(v, 'pct')} %"  # noqa: E731
-    b, a = h.get("cfr_before"), h.get("cfr_after")
-    over = f"With {pct(h.get('overhead'))} extra storage"
-    if isinstance(b, dict) and isinstance(a, dict):
-        text = (f"{over} the measured CFR falls from {pct(b.get('cfr'))} to "
-                f"{pct(a.get('cfr'))} on the same {fmt_value(h.get('n_faults'), 'int')} "
-                "campaign faults (paired re-injection)")
-        ci = h.get("ci")
-        weighted = h.get("p_value") is not None
-        if h.get("relative_improvement") is not None and isinstance(ci, list) and len(ci) == 2:
-            kind = "weighted MOVER-R" if weighted else "paired bootstrap"
-            text += (f": relative improvement {pct(h['relative_improvement'])} "
-                     f"({100 * float(h.get('ci_level') or 0.95):g} % {kind} interval "
-                     f"{fmt_value(ci[0], 'pct')}–{fmt_value(ci[1], 'pct')} %)")
-        if weighted:
-            text += f", weighted test of no change p = {fmt_value(h['p_value'], 'float')}"
-        elif h.get("mcnemar_p") is not None:
-            text += f", McNemar p = {fmt_value(h['mcnemar_p'], 'float')}"
-        cov = h.get("coverage")
-        if isinstance(cov, list) and cov:
-            miss = sorted({loc for c in cov for loc in c.get("not_covered", [])})
-            text += (". The protections cover faults in "
-                     + ", ".join(sorted({loc for c in cov for loc in c.get("locations", [])}))
-                     + (f" only, not in {', '.join(miss)}" if miss else ""))
-        ex = h.get("exposure")
-        if isinstance(ex, dict) and ex.get("relative_improvement") is not None:
-            text += (f"; over the {ex.get('hardware')} exposure the improvement is "
-                     f"{pct(ex['relative_improvement'])} ({pct(ex.get('covered_share'))} of "
-                     "the exposure is in covered locations)")
-        return text + "."
-    e = h.get("expected") if isinstance(h.get("expected"), dict) else h
-    keys = ("cfr_before", "cfr_after") if e is not h else ("expected_cfr_before",
-                                                           "expected_cfr_after")
-    if all(e.get(k) is not None for k in keys):
-        return (f"{over} the CFR is expected to fall from {pct(e[keys[0]])} to "
-                f"{pct(e[keys[1]])} (planner estimate).")
-    return None
-
-
 @section("Hardening", order=80)
 def hardening(ctx: ReportContext) -> Section | None:
     """Protections chosen under the memory budget, the measured and expected improvement
     (``RUN/hardening.json``, schema ``flipguard.hardening/2``): the weighted paired
     comparison, what each protection covers and, when measured, the exposure view."""
     h = ctx.extras.get("hardening")
+    withheld = ctx.withheld_note("hardening")
+    if withheld is not None:
+        return Section("Hardening", [withheld])
     if h is None:
         return None
     if not isinstance(h, dict):
@@ -281,33 +237,14 @@ def hardening(ctx: ReportContext) -> Section | None:
     return Section("Hardening", blocks)
 
 
-def ra_text(r: dict[str, Any]) -> str | None:
-    """One sentence on a resiliency-accuracy result (``flipguard.ra.result_dict`` fields).
-
-    >>> ra_text({"ra": 0.9, "ci": [0.88, 0.92], "confidence": 0.95, "golden_accuracy": 0.95})
-    'Resiliency accuracy 90 % (95 % interval 88–92 %), against 95 % without faults.'
-    """
-    if r.get("ra") is None:
-        return None
-    text = f"Resiliency accuracy {fmt_value(r['ra'], 'pct')} %"
-    ci = r.get("ci")
-    if isinstance(ci, list) and len(ci) == 2:
-        text += (f" ({100 * float(r.get('confidence', 0.95)):g} % interval "
-                 f"{fmt_value(ci[0], 'pct')}–{fmt_value(ci[1], 'pct')} %)")
-    if r.get("golden_accuracy") is not None:
-        text += f", against {fmt_value(r['golden_accuracy'], 'pct')} % without faults"
-    if r.get("hardware"):
-        text += f"; exposure model {r['hardware']}"
-    if r.get("estimator") and r.get("samples") is not None:
-        text += f", {r['estimator']} estimator with {fmt_value(r['samples'], 'int')} samples"
-    return text + "."
-
-
 @section("Resiliency and accuracy", order=90)
 def resiliency(ctx: ReportContext) -> Section | None:
     """Resiliency-accuracy results (``RUN/ra.json`` or ``RUN/resiliency.json``: one
     ``flipguard.ra.result_dict`` or a list of them)."""
     r = ctx.extras.get("resiliency")
+    withheld = ctx.withheld_note("resiliency")
+    if withheld is not None:
+        return Section("Resiliency and accuracy", [withheld])
     if r is None:
         return None
     items = r if isinstance(r, list) and all(isinstance(x, dict) for x in r) else [r]

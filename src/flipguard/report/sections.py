@@ -13,7 +13,7 @@ new report section is one function::
         return Section("Hardening", [Paragraph(f"overhead {data['overhead']:.1%}")])
 
 The context holds plain data only (row dicts, arrays), filled by
-:func:`flipguard.report.adapter.collect` from a run directory or by hand in tests.
+:func:`flipguard.study.reports.collect` from a run directory or by hand in tests.
 """
 
 from __future__ import annotations
@@ -171,7 +171,9 @@ class ReportContext:
     last layer with campaign data); ``bit_layers``: layers with their own per-bit panel
     (default: the four most vulnerable); ``extras``: results of later stages ("hardening",
     "resiliency") as loaded from ``RUN/<name>.json``, and "calibration" (predicted vs
-    observed criticality, :func:`flipguard.report.adapter.calibration_data`)."""
+    observed criticality, :func:`flipguard.study.reports.calibration_data`); ``withheld``:
+    results left out because they do not describe the run as it is now ("campaign",
+    "hardening", "resiliency" -> why), shown as warnings in their sections."""
 
     run_path: Path
     title: str = "flipguard reliability report"
@@ -182,6 +184,7 @@ class ReportContext:
     campaign: CampaignData | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    withheld: dict[str, str] = field(default_factory=dict)
     kernel_layers: tuple[str, ...] | None = None
     bit_layers: tuple[str, ...] | None = None
 
@@ -189,6 +192,12 @@ class ReportContext:
         """``"encoder.0 (Conv2d)"`` (the bare name when the type is unknown)."""
         kind = self.layer_types.get(layer)
         return f"{layer} ({kind})" if kind else str(layer)
+
+    def withheld_note(self, what: str) -> Note | None:
+        """The warning of a withheld result (None when ``what`` is shown)."""
+        why = self.withheld.get(what)
+        return None if why is None else Note(f"The {what} results are not shown: {why}.",
+                                             "warning")
 
     def layer_order(self, layers: Sequence[str]) -> list[str]:
         """``layers`` sorted in network order (unknown layers last, stable)."""

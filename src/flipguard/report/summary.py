@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from flipguard.faults import get_format
+from flipguard.report.content_campaign import kernel_layers
 from flipguard.report.html import fmt_value
 from flipguard.report.sections import (
     Column,
@@ -21,6 +23,7 @@ from flipguard.report.sections import (
     Table,
     section,
 )
+from flipguard.report.text import flatten, hardening_text
 
 __all__ = ["bit_shares", "flatten", "summary_lines"]
 
@@ -62,6 +65,9 @@ def summary_lines(ctx: ReportContext) -> list[str]:
     """Short plain-language findings (detector, campaign status, worst layer/bit/kernel)."""
     lines = [t for t in [_detector_line(ctx.metrics)] if t]
     c = ctx.campaign
+    if c is None and "campaign" in ctx.withheld:
+        return [*lines, "The campaign store was made for another model, dataset or task than "
+                        "this run's; rerun the campaign to report its fault tolerance."]
     if c is None:
         return [*lines, "No fault-injection campaign has been run yet."]
     if c.done == 0:
@@ -92,8 +98,6 @@ def summary_lines(ctx: ReportContext) -> list[str]:
         lines.append(text + ".")
     shares = bit_shares(c.tables.get("bit") or [])
     if shares:
-        from flipguard.faults import get_format
-
         form = get_format(c.fmt)
         b, w = shares[0]
         text = f"Bit {b} ({form.field(b)}) accounts for {100 * w:.1f} % of the critical faults"
@@ -102,8 +106,6 @@ def summary_lines(ctx: ReportContext) -> list[str]:
             text += (f"; bits {', '.join(str(t[0]) for t in top)} together for "
                      f"{100 * sum(t[1] for t in top):.1f} %")
         lines.append(text + " (estimated from the per-bit rates and populations).")
-    from flipguard.report.content_campaign import kernel_layers
-
     kernels = c.tables.get("layer_kernel") or []
     for name in kernel_layers(ctx):
         mine = _finite([r for r in kernels if r["layer"] == name])
@@ -114,8 +116,6 @@ def summary_lines(ctx: ReportContext) -> list[str]:
                          f"{_pct(worst['margin'])}).")
     h = ctx.extras.get("hardening")
     if isinstance(h, dict):
-        from flipguard.report.content_extras import hardening_text
-
         text = hardening_text(h)
         if text:
             lines.append("Hardening: " + text[0].lower() + text[1:])
@@ -125,7 +125,7 @@ def summary_lines(ctx: ReportContext) -> list[str]:
 @section("Summary", order=0)
 def summary(ctx: ReportContext) -> Section:
     """Plain-language findings; warns first when the campaign is partial."""
-    blocks: list[Any] = []
+    blocks: list[Any] = [n for n in map(ctx.withheld_note, ctx.withheld) if n is not None]
     c = ctx.campaign
     if c is not None and not c.complete:
         blocks.append(Note(
@@ -136,22 +136,6 @@ def summary(ctx: ReportContext) -> Section:
     blocks += [Paragraph(t) for t in summary_lines(ctx)]
     blocks += [Note(n) for n in ctx.notes]
     return Section("Summary", blocks)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """``{"a": {"b": 1}} -> [("a.b", 1)]`` (lists kept as values).
-
-    >>> flatten({"data": {"size": 64}, "score": {"map": "ssim"}})
-    [('data.size', 64), ('score.map', 'ssim')]
-    """
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out += flatten(v, key + ".")
-        else:
-            out.append((key, v))
-    return out
 
 
 @section("Run configuration", order=10)
