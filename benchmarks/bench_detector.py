@@ -26,7 +26,7 @@ from _emit import command, emit  # noqa: E402
 from flipguard.data import split_validation  # noqa: E402
 from flipguard.detect import reconstruct  # noqa: E402
 from flipguard.metrics import best_f1_threshold, threshold_metrics  # noqa: E402
-from flipguard.pipeline import train_detector  # noqa: E402
+from flipguard.study.detector import train_detector  # noqa: E402
 from flipguard.threshold import calibrate_threshold  # noqa: E402
 
 

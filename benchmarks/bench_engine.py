@@ -51,7 +51,7 @@ PHASES = ("pytorchfi", "naive", "naive-heap", "flipguard")
 def setup(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, DetectionTask]:
     """Model, images and task (identical in every subprocess)."""
     if args.run:
-        from flipguard.run import load_run
+        from flipguard.study.rundir import load_run
 
         run = load_run(args.run)
         ds = run.load_data()
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--faults", type=int, default=200)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run", default=None, help="trained run directory (flipguard.run)")
+    ap.add_argument("--run", default=None, help="trained run directory (flipguard.study.rundir)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--fault-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)

@@ -73,7 +73,7 @@ def _baselines(run: str, criterion: str, boot: int, engines: _Memo) -> list[dict
     from flipguard.campaign import CampaignStore, store_path
     from flipguard.harden import Protection, paired_reinjection
     from flipguard.harden.planner import tensor_words, weight_bits
-    from flipguard.run import load_run
+    from flipguard.study.rundir import load_run
 
     r = load_run(run)
     out = []
@@ -102,8 +102,8 @@ def _holdouts(runs: list[str], protections: list[dict], criterion: str, draws: i
     same strata)."""
     from flipguard.campaign import CampaignStore, store_path
     from flipguard.harden import Protection, compare_paired, pair_cells, paired_reinjection
-    from flipguard.run import load_run
     from flipguard.study.hardening import evaluate_protections
+    from flipguard.study.rundir import load_run
 
     prots = [Protection.from_dict({k: v for k, v in p.items() if k != "label"})
              for p in protections]

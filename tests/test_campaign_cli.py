@@ -142,7 +142,7 @@ def test_other_plan_or_model_is_refused(tiny, tmp_path):
 
 def test_plan_matches_python_api(tiny):
     run, _ = tiny
-    from flipguard.run import load_run
+    from flipguard.study.rundir import load_run
 
     res = invoke("campaign", "plan", run, "--strata", "network", "--error", "0.02", "--p",
                  "data-aware", "--probe", "0", "--json")

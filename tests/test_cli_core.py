@@ -14,7 +14,7 @@ from flipguard.cli import app
 from flipguard.detect import reconstruct
 from flipguard.errors import FlipguardError
 from flipguard.metrics import image_auroc
-from flipguard.run import load_run, state_fingerprint
+from flipguard.study.rundir import load_run, state_fingerprint
 
 runner = CliRunner()
 
@@ -141,7 +141,7 @@ def test_map_choice_and_threshold_do_not_depend_on_the_test_set(tmp_path: Path) 
     # threshold (all from normal data) are identical; only the test metrics differ.
     import shutil
 
-    from flipguard.pipeline import train_detector
+    from flipguard.study.detector import train_detector
 
     a, b = tmp_path / "a", tmp_path / "b"
     for root, n_test, seed in ((a, 8, 2), (b, 12, 3)):

@@ -243,8 +243,14 @@ def tiny_run(root) -> tuple:
     from flipguard.campaign import open_campaign, run_campaign
     from flipguard.data import make_synthetic
     from flipguard.models import CAEConfig, build_cae
-    from flipguard.run import DataSection, ModelSection, RunConfig, ThresholdSection, save_run
     from flipguard.study.engines import RunEngineFactory
+    from flipguard.study.rundir import (
+        DataSection,
+        ModelSection,
+        RunConfig,
+        ThresholdSection,
+        save_run,
+    )
 
     data = make_synthetic(root / "data", n_train=8, n_test=6, size=32, seed=0)
     params = {"input_size": 32, "channels": 1, "width": 0.25, "latent_dim": 8}
@@ -270,7 +276,7 @@ def test_cli_harden_end_to_end(tmp_path) -> None:
 
     from flipguard.cli.harden import register
     from flipguard.harden.module import clamped_layers
-    from flipguard.run import load_run
+    from flipguard.study.rundir import load_run
 
     app = typer.Typer()
     app.callback()(lambda: None)

@@ -138,7 +138,13 @@ def test_run_directory_detector(tmp_path):
     from flipguard.data import load_mvtec, make_synthetic
     from flipguard.detect import ScoreConfig, Scorer
     from flipguard.models import CAEConfig, build_cae
-    from flipguard.run import DataSection, ModelSection, RunConfig, ThresholdSection, save_run
+    from flipguard.study.rundir import (
+        DataSection,
+        ModelSection,
+        RunConfig,
+        ThresholdSection,
+        save_run,
+    )
 
     data = make_synthetic(tmp_path / "data", n_train=2, n_test=8, size=16, seed=0)
     params = {"input_size": 16, "width": 0.125, "latent_dim": 4}

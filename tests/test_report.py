@@ -22,7 +22,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from flipguard import run as fgrun
 from flipguard.campaign import runner as rn
 from flipguard.campaign.analysis import cfr_table
 from flipguard.campaign.planner import PlanConfig
@@ -32,7 +31,6 @@ from flipguard.cli.report import register
 from flipguard.criticality.predictor import CLASS_LABELS, CLASS_PRIORS
 from flipguard.data import make_synthetic
 from flipguard.models import CAEConfig, build_cae
-from flipguard.pipeline import evaluate_run
 from flipguard.report import (
     SECTIONS,
     CampaignData,
@@ -47,6 +45,8 @@ from flipguard.report import (
 )
 from flipguard.report.figures_detector import roc_points
 from flipguard.report.summary import summary_lines
+from flipguard.study import rundir as fgrun
+from flipguard.study.detector import evaluate_run
 from flipguard.study.engines import RunEngineFactory
 from flipguard.study.hardening import harden_run
 from flipguard.study.predictors import calibration_table

@@ -37,7 +37,13 @@ def make_tiny_run(root: Path, seed: int = 0, threshold: float | None = None) -> 
     from flipguard.data import load_mvtec, make_synthetic
     from flipguard.detect import ScoreConfig, Scorer
     from flipguard.models import CAEConfig, build_cae
-    from flipguard.run import DataSection, ModelSection, RunConfig, ThresholdSection, save_run
+    from flipguard.study.rundir import (
+        DataSection,
+        ModelSection,
+        RunConfig,
+        ThresholdSection,
+        save_run,
+    )
 
     data = root / "data"
     if not data.exists():

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from flipguard.cli.harden import register as register_harden
 from flipguard.cli.report import register as register_report
-from flipguard.run import load_run, save_run
+from flipguard.study.rundir import load_run, save_run
 from test_paired import tiny_run
 
 app = typer.Typer()

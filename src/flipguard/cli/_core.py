@@ -186,7 +186,7 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
     """Train a CAE anomaly detector, calibrate its threshold on normal data, evaluate it."""
-    from flipguard.pipeline import check_options, train_detector
+    from flipguard.study.detector import check_options, train_detector
     from flipguard.threshold import check_threshold_args
 
     method = threshold or ("quantile" if quantile is not None else "auto")
@@ -231,7 +231,7 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
     """Evaluate a trained run: image/pixel AUROC, AUPRO, F1, accuracy at the threshold."""
-    from flipguard.pipeline import evaluate_run
+    from flipguard.study.detector import evaluate_run
 
     with make_progress() as bar:
         metrics = evaluate_run(run, data=data, progress=StageBars(bar))
@@ -248,7 +248,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """End-to-end demo on built-in synthetic data: synth → train → evaluate → campaign → report."""
-    from flipguard.demo import run_demo
+    from flipguard.cli.demo import run_demo
 
     t0 = time.perf_counter()
     summary = run_demo(out, size=size, epochs=epochs, seed=seed)

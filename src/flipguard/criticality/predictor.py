@@ -30,9 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from flipguard.campaign.substrata import CLASS_LABELS, CLASS_PRIORS
+from flipguard.detect import Scorer
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, SiteSpace, apply_bits, get_format
 from flipguard.fileio import replacing
+from flipguard.inject import parse_criterion
 from flipguard.layers import forward_hooks
 
 __all__ = ["CLASS_LABELS", "CLASS_PRIORS", "DEFAULT_EDGES", "EXTREME", "Predictor",
@@ -62,7 +64,6 @@ def criterion_k(criterion: Any, n_images: int) -> tuple[int, bool]:
     >>> criterion_k("accuracy-drop:0.01", 700)
     (8, True)
     """
-    from flipguard.inject import parse_criterion
 
     c = parse_criterion(criterion)
     if c.name in ("accuracy-drop", "mismatch"):
@@ -74,7 +75,6 @@ def differentiable_score_fn(score_fn: Callable) -> Callable:
     """A differentiable version of a detector's ``score_fn(inputs, recon)``: the
     :class:`~flipguard.detect.Scorer` computes its scores without autograd, so its map and
     reduction are composed directly; other callables are returned as they are."""
-    from flipguard.detect import Scorer
 
     owner = getattr(score_fn, "__self__", None)
     if isinstance(owner, Scorer):  # float32, as Scorer.scores computes

@@ -24,7 +24,7 @@ from flipguard.errors import ConfigError
 from flipguard.fingerprint import tensor_fingerprint
 from flipguard.inject import DetectionTask, Engine, Task
 from flipguard.layers import evenly_spaced
-from flipguard.run import Run, load_run
+from flipguard.study.rundir import Run, load_run
 
 __all__ = ["EngineParts", "RunEngineFactory", "task_for"]
 

@@ -54,8 +54,8 @@ from flipguard.harden import (
 from flipguard.inject import Engine, parse_criterion
 from flipguard.layers import evenly_spaced
 from flipguard.ra import parse_hardware
-from flipguard.run import ModelSection, Run, build_model, save_run
 from flipguard.study.engines import RunEngineFactory
+from flipguard.study.rundir import ModelSection, Run, build_model, save_run
 from flipguard.study.stores import campaign_factory, check_campaign
 
 __all__ = ["FACTORY", "RESULT_FILE", "SCHEMA", "HardenOptions", "HardeningResult",

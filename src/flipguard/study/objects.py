@@ -34,6 +34,9 @@ from flipguard.errors import ConfigError, FlipguardError
 from flipguard.fileio import atomic_write, json_clean
 from flipguard.report.study_page import render_study
 from flipguard.study.campaigns import CampaignOptions, run_study_campaign
+from flipguard.study.detector import train_detector
+from flipguard.study.hardening import harden_run
+from flipguard.study.reports import build_report
 
 __all__ = ["STAGES", "StudyOptions", "discover", "run_object", "run_study", "study_record"]
 
@@ -46,7 +49,7 @@ STUDY_SCHEMA = "flipguard.study/1"
 @dataclass(frozen=True)
 class StudyOptions:
     """Options of every stage. ``train``: keyword arguments of
-    :func:`flipguard.pipeline.train_detector` (size, model, train, score, threshold_fpr…);
+    :func:`flipguard.study.detector.train_detector` (size, model, train, score, threshold_fpr…);
     ``plan``: the campaign plan; ``campaign``: how it runs inside one object (its ``workers``
     apply within the object); ``budget``: hardening memory budget (None: skip hardening);
     ``workers``: objects processed at the same time."""
@@ -110,9 +113,6 @@ def run_object(name: str, data: Path, category: str | None, out: Path,
                opts: StudyOptions) -> dict[str, Any]:
     """Every stage of one object, resuming after its last completed one; returns the
     object's study row (see :func:`study_record`)."""
-    from flipguard.pipeline import train_detector  # the detector stage of the study
-    from flipguard.study.hardening import harden_run
-    from flipguard.study.reports import build_report
 
     obj = Path(out) / name
     run = obj / "run"

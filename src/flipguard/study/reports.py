@@ -32,9 +32,9 @@ from flipguard.errors import ConfigError, FlipguardError
 from flipguard.inject import CRITICAL, parse_criterion
 from flipguard.layers import is_layer
 from flipguard.report import CampaignData, DetectorData, ReportContext, render_report
-from flipguard.run import Run, load_run
 from flipguard.study import predictors
 from flipguard.study.engines import RunEngineFactory
+from flipguard.study.rundir import Run, load_run
 from flipguard.study.stores import campaign_factory, mismatch
 
 __all__ = ["EXTRAS", "GROUPINGS", "build_report", "calibration_data", "campaign_data",

@@ -26,8 +26,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flipguard import __version__
+from flipguard.data import load_mvtec
+from flipguard.detect import ScoreConfig, Scorer
 from flipguard.errors import FlipguardError
 from flipguard.fileio import atomic_write, json_clean, replacing
+from flipguard.models import CAEConfig, build_cae, load_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
@@ -105,13 +108,11 @@ class Run:
 
     @property
     def scorer(self):  # -> flipguard.detect.Scorer
-        from flipguard.detect import ScoreConfig, Scorer
 
         return Scorer(ScoreConfig(**self.config.score))
 
     def load_data(self, data_dir: str | Path | None = None):
         """Load the run's dataset (or ``data_dir`` instead) with the run's preprocessing."""
-        from flipguard.data import load_mvtec
 
         d = self.config.data
         root = Path(data_dir) if data_dir is not None else Path(d.path)
@@ -136,11 +137,9 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 def build_model(section: ModelSection) -> torch.nn.Module:
     """Instantiate the (untrained) network a model section describes."""
     if section.kind == "cae":
-        from flipguard.models import CAEConfig, build_cae
 
         return build_cae(CAEConfig(**section.params))
     if section.kind == "factory" and section.factory:
-        from flipguard.models import load_model
 
         return load_model(section.factory, None, **section.params)
     raise RunError(

@@ -2,7 +2,7 @@
 
 Example::
 
-    from flipguard.pipeline import train_detector, evaluate_run
+    from flipguard.study.detector import train_detector, evaluate_run
     run = train_detector("data/synth", "runs/demo", model={"input_size": 64, "width": 0.5},
                          train={"epochs": 5})
     print(evaluate_run(run)["image_auroc"])
@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from flipguard.run import (
+from flipguard.data import load_mvtec, split_validation
+from flipguard.data.mvtec import RESIZE_MODES, DatasetError
+from flipguard.detect import ScoreConfig, Scorer, evaluate_detector, fit_map_stats, reconstruct
+from flipguard.mapselect import select_map
+from flipguard.models import CAEConfig, build_cae
+from flipguard.study.rundir import (
     DataSection,
     ModelSection,
     Run,
@@ -28,6 +33,13 @@ from flipguard.run import (
     save_metrics,
     save_run,
 )
+from flipguard.threshold import (
+    MIN_TAIL_SCORES,
+    calibrate_threshold,
+    check_threshold_args,
+    resolve_auto,
+)
+from flipguard.train import TrainConfig, train_model
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 """progress(stage, done, total, info) — used by the CLI to drive progress bars."""
@@ -64,11 +76,6 @@ def train_detector(
     tail model (``"auto"``, see :mod:`flipguard.threshold`). Every option is validated before the
     data are read or anything is trained.
     """
-    from flipguard.data import load_mvtec, split_validation
-    from flipguard.detect import Scorer, fit_map_stats, reconstruct
-    from flipguard.models import CAEConfig, build_cae
-    from flipguard.threshold import calibrate_threshold, check_threshold_args, resolve_auto
-    from flipguard.train import train_model
 
     progress = progress or _noop
     check_threshold_args(threshold_method, threshold_fpr, threshold_quantile, threshold_k)
@@ -91,7 +98,6 @@ def train_detector(
     val_imgs = ds.train[torch.as_tensor(val_idx)]
     map_table: dict[str, float] | None = None
     if auto_map:  # normal data + pasted synthetic defects only
-        from flipguard.mapselect import select_map
 
         scfg, map_table = select_map(scfg, net, ds.train[torch.as_tensor(tr_idx)], val_imgs,
                                      seed=split_seed)
@@ -161,11 +167,6 @@ def check_options(
         >>> check_options(64, "stretch", None, {"epochs": 2}, {"map": "auto"}, 0.1)[2]
         True
     """
-    from flipguard.data import split_validation
-    from flipguard.data.mvtec import RESIZE_MODES, DatasetError
-    from flipguard.detect import ScoreConfig
-    from flipguard.models import CAEConfig
-    from flipguard.train import TrainConfig
 
     if resize not in RESIZE_MODES:
         raise DatasetError(f"resize: expected 'stretch' or 'fit' (got {resize!r})")
@@ -186,7 +187,6 @@ def evaluate_run(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run on its test split: image/pixel AUROC, AUPRO, F1/accuracy at threshold."""
-    from flipguard.detect import evaluate_detector
 
     if not isinstance(run, Run):
         run = load_run(run)
@@ -216,7 +216,6 @@ def evaluate_run(
 def _min_val_fraction(n: int, val_fraction: float, method: str) -> float:
     """The tail threshold needs >= MIN_TAIL_SCORES validation images: raise the fraction to
     that count when ``train/good`` has at least twice as many images (else keep it)."""
-    from flipguard.threshold import MIN_TAIL_SCORES
 
     enough = round(n * val_fraction) >= MIN_TAIL_SCORES
     if method not in ("tail", "auto") or enough or n < 2 * MIN_TAIL_SCORES:
