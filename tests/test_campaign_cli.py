@@ -252,3 +252,15 @@ def test_effective_stuck_at_campaign_runs_no_noop(tmp_path):
     assert invoke("campaign", "export", run, "--out", out).exit_code == 0
     with open(out, newline="") as fh:
         assert any(r["noop"] == "True" for r in csv.DictReader(fh))
+
+
+def test_missing_ray_is_one_line_before_any_store_is_made(tmp_path, monkeypatch):
+    from test_runner import make_tiny_run
+
+    run = make_tiny_run(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray -> ImportError
+    res = invoke("campaign", "run", run, *PLAN_ARGS, "--images", "2", "--ray", "local")
+    assert res.exit_code != 0
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert lines[-1].endswith("pip install 'flipguard[ray]')"), res.output
+    assert not (run / "campaign.sqlite").exists()

@@ -338,3 +338,19 @@ def test_fit_resize_keeps_aspect_and_pads_with_edges(tmp_path: Path) -> None:
     ref_s = np.asarray(Image.fromarray(ramp).resize((16, 16), Image.Resampling.BILINEAR)) / 255
     np.testing.assert_allclose(stretch.train[0, 0].numpy(), ref_s, atol=1e-6)
     _error(lambda: load_mvtec(tmp_path, resize="crop"), str(tmp_path))
+
+
+def test_graded_mask_warns_once_naming_the_file(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    graded = np.zeros((12, 16), np.uint8)
+    graded[2:6, 3:9], graded[6:8, 3:9] = 255, 128  # anti-aliased edge: two non-zero levels
+    path = _save(tmp_path / "ground_truth" / "hole" / "h 1_mask.png", graded)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ds = load_mvtec(tmp_path, size=S)
+        load_mvtec(tmp_path, size=S)
+    msgs = [str(w.message) for w in seen if "not binary" in str(w.message)]
+    assert len(msgs) == 1 and str(path) in msgs[0]
+    assert ds.test_masks is not None
+    h1 = [i for i, p in enumerate(ds.test_paths) if Path(p).stem == "h 1"][0]
+    assert torch.equal(ds.test_masks[h1, 0] > 0, torch.from_numpy(_nearest(graded, S) > 0))

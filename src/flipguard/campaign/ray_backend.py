@@ -63,7 +63,9 @@ def _init(ray: Any, address: str, workers: int) -> bool:
     return True
 
 
-def _ray() -> Any:
+def require_ray() -> Any:
+    """The ``ray`` module, or one clear line saying how to install it (checked before a
+    campaign opens its store, so a missing extra costs nothing)."""
     try:
         import ray
     except ImportError:
@@ -75,7 +77,7 @@ def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], address: str = "loca
             workers: int = 1, poll: Callable[[], None] | None = None) -> list[Any]:
     """``[fn(*args) for args in calls]`` as Ray tasks (one CPU each, ``workers`` CPUs for a
     local cluster), calling ``poll()`` about once a second while they run."""
-    ray = _ray()
+    ray = require_ray()
     if not address:
         raise ConfigError("--ray: expected auto, local or a cluster address")
     started = _init(ray, address, workers)
@@ -98,7 +100,7 @@ def ray_chunks(factory: Any, chunks: Iterable[list[PlannedFault]], address: str 
     """Run ``chunks`` (consumed lazily) on Ray actors (``workers`` of them; 1 with
     ``address="auto"`` or an address means one per cluster CPU) and yield
     ``(fault_ids, outcome_dicts)`` as they end."""
-    ray = _ray()
+    ray = require_ray()
     if not address:
         raise ConfigError("--ray: expected auto, local or a cluster address")
     queue = iter(chunks)

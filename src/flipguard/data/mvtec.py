@@ -6,7 +6,9 @@ Images (png/jpg/jpeg/bmp/tif/tiff, any case, any size, greyscale or colour) are 
 square ``size`` (bilinear, antialiased when shrinking): ``resize="stretch"`` (default) scales
 each axis independently; ``resize="fit"`` keeps the aspect ratio (longer side = ``size``),
 centres the image and fills the margin by repeating the edge pixels (masks: margin = 0).
-Masks use nearest-neighbour and are binarised (``> 0`` -> 1). Order is deterministic: train
+Masks use nearest-neighbour and are binarised (``> 0`` -> 1); a mask with more than one
+non-zero level (e.g. anti-aliased edges or a JPEG mask) is binarised the same way and a
+``UserWarning`` names its folder and first such file, once per folder. Order is deterministic: train
 files sorted by name; test folders ``good`` first, then defect types alphabetically, files
 sorted by name within each folder.
 """
@@ -375,6 +377,20 @@ def _grey_palette(rgb: Image.Image) -> bool:
     return all(c[1][0] == c[1][1] == c[1][2] for c in colours) and bool(colours)
 
 
+_GRADED_WARNED: set[Path] = set()
+
+
+def _warn_if_graded(path: Path, arr: np.ndarray) -> None:
+    """Warn once per mask folder when a mask has several non-zero levels (binarised > 0)."""
+    if path.parent in _GRADED_WARNED:
+        return
+    levels = np.unique(arr)
+    if np.count_nonzero(levels) > 1:
+        _GRADED_WARNED.add(path.parent)
+        warnings.warn(f"{path}: mask is not binary ({levels.size} grey levels); every pixel > 0 "
+                      f"counts as defective (first such mask in {path.parent})", stacklevel=2)
+
+
 def _read_mask(
     path: Path, size: int, image_size: tuple[int, int], image: Path, fit: bool = False
 ) -> np.ndarray:
@@ -392,6 +408,7 @@ def _read_mask(
         binary = (arr > 0).any(axis=-1)
     else:
         binary = arr > 0
+    _warn_if_graded(path, arr)
     nw, nh, left, top = _fit_geometry(image_size, size) if fit else (size, size, 0, 0)
     small = Image.fromarray(binary.astype(np.uint8) * 255, mode="L").resize(
         (nw, nh), Image.Resampling.NEAREST

@@ -30,6 +30,7 @@ from flipguard.campaign import (
     store_path,
 )
 from flipguard.campaign.conventions import population_note
+from flipguard.campaign.ray_backend import require_ray
 from flipguard.campaign.runner import execute_chunk
 from flipguard.errors import ConfigError
 from flipguard.layers import evenly_spaced
@@ -172,6 +173,8 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
     record the golden reference, time ``opts.probe`` faults, run the pending faults on the
     chosen backend, then refinement rounds while the plan type asks for them."""
     ev = events or CampaignEvents()
+    if opts.ray:
+        require_ray()  # before the store is created and the probe runs
     factory = RunEngineFactory(str(run), images=opts.images, fmt=cfg.fmt)
     predictor = predictor_for(factory, cfg)
     stratified = sampling_type(cfg.sampling).needs_predictor
