@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,10 @@ MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Tests run in parallel workers on small machines: one torch thread per worker."""
+    """Tests run in parallel workers on small machines: one torch thread per worker. The
+    trust key of the runs tests make lives in a temporary home, not the user's."""
     torch.set_num_threads(1)
+    os.environ["FLIPGUARD_HOME"] = tempfile.mkdtemp(prefix="flipguard-home-")
 
 
 @pytest.fixture(autouse=True)

@@ -316,3 +316,31 @@ def test_partial_campaign_interval_covers_whatever_the_unsampled_layers_hold(cae
     k = np.random.default_rng(15).hypergeometric(K, N - K, n, size=(1000, 18))
     cov, _ = coverage(N, n, k, K.sum() / N.sum())
     assert cov >= 0.95
+
+
+def _exact_coverage(N: int, n: int, K: int, conf: float, fn) -> float:
+    """P(interval covers K/N) summed exactly over the hypergeometric law of k."""
+    from scipy.stats import hypergeom
+
+    ks = np.arange(max(0, n - (N - K)), min(n, K) + 1)
+    pmf = hypergeom.pmf(ks, N, K, n)
+    hit = [(lambda lo_hi: lo_hi[0] - 1e-12 <= K / N <= lo_hi[1] + 1e-12)(fn(int(k)))
+           for k in ks]
+    return float(pmf[np.array(hit)].sum())
+
+
+@pytest.mark.parametrize("n", [300, 423, 487])
+def test_finite_population_interval_covers_exactly_near_census(n: int) -> None:
+    """A per-bit stratum of a small layer (N = 512) sampled almost entirely: the exact
+    hypergeometric interval covers at >= nominal for every K, while the effective-size
+    approximation of Clopper-Pearson (the previous rule) falls well below it somewhere."""
+    N, conf = 512, 0.95
+    old = []
+    for K in (3, 25, 44, 89, 130, 173, 182, 256):
+        cov = _exact_coverage(N, n, K, conf,
+                              lambda k: interval(k, n, conf, "clopper-pearson", N=N))
+        assert cov >= conf - 1e-9, (n, K, cov)
+        old.append(_exact_coverage(N, n, K, conf, lambda k: interval(
+            k, n, conf, "clopper-pearson", N=N, exact_fpc=False)))
+    if n >= 423:
+        assert min(old) < conf - 0.01  # the test has power against the old rule

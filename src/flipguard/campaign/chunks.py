@@ -8,6 +8,7 @@ each stratum's plan), and one chunk executed by an engine.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,8 @@ from flipguard.errors import ConfigError
 
 __all__ = ["Chunk", "chunks_of", "execute_chunk", "first_faults"]
 
-Chunk = tuple[list[int], list[dict[str, Any]]]
+Chunk = tuple[list[int], list[dict[str, Any]], float]
+"""Fault ids, their outcome dicts and the seconds the chunk took in its process."""
 """Executed chunk: fault ids and their ``Outcome.to_dict()`` rows."""
 
 
@@ -55,8 +57,10 @@ def _order_key(seed: int, fault_id: int) -> bytes:
 
 
 def execute_chunk(engine: Any, chunk: Sequence[PlannedFault]) -> Chunk:
-    """Run one chunk with ``engine``: fault ids and outcome dicts."""
+    """Run one chunk with ``engine``: fault ids, outcome dicts and the seconds it took."""
+    t0 = time.perf_counter()
     outcomes = engine.run([pf.fault for pf in chunk])
-    return [pf.fault_id for pf in chunk], [o.to_dict() for o in outcomes]
+    return ([pf.fault_id for pf in chunk], [o.to_dict() for o in outcomes],
+            time.perf_counter() - t0)
 
 

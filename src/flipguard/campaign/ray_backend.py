@@ -11,8 +11,8 @@ readable at the same path on every node and flipguard must be installed there.
 Example::
 
     chunks = chunks_of(store.pending(), 32)
-    for fault_ids, outcomes in ray_chunks(factory, chunks, address="local", workers=2):
-        store.add_results(zip(fault_ids, outcomes))
+    for fault_ids, outcomes, seconds in ray_chunks(factory, chunks, address="local", workers=2):
+        store.add_results(zip(fault_ids, outcomes), seconds=seconds / len(fault_ids))
 """
 
 from __future__ import annotations

@@ -128,9 +128,7 @@ def probe_rate(store: CampaignStore, engine: Any, k: int = 4) -> float | None:
     if not ids or k < 1:
         return None
     pending = store.faults_by_id(ids[int(j)] for j in evenly_spaced(len(ids), k))
-    t0 = time.perf_counter()
-    fids, outs = execute_chunk(engine, pending)
-    dt = time.perf_counter() - t0
+    fids, outs, dt = execute_chunk(engine, pending)
     store.add_results(zip(fids, outs, strict=True), seconds=dt / len(fids))
     return dt / len(fids)
 
@@ -178,8 +176,8 @@ def _run_campaign(store: CampaignStore, factory: Any, engine: Any, workers: int,
     ran, done = 0, counts["done"]
     if progress:
         progress(done, counts["planned"])
-    for fids, outs in stream:
-        ran += store.add_results(zip(fids, outs, strict=True))
+    for fids, outs, sec in stream:
+        ran += store.add_results(zip(fids, outs, strict=True), seconds=sec / max(len(fids), 1))
         done = counts["done"] + ran
         if progress:
             progress(done, counts["planned"])

@@ -2,8 +2,9 @@
 
 * :func:`leveugle_n` — Leveugle et al. (DATE 2009):
   ``n = N / (1 + e^2 (N - 1) / (t^2 p (1 - p)))`` with ``t`` the two-sided normal quantile.
-* :func:`interval` — Wilson or Clopper–Pearson interval of a proportion, with an optional
-  finite-population correction through the effective sample size ``n (N - 1) / (N - n)``.
+* :func:`interval` — Wilson or Clopper–Pearson interval of a proportion; for a finite
+  population the exact hypergeometric interval (:func:`hypergeometric_interval`), or for
+  Wilson the effective sample size ``n (N - 1) / (N - n)``.
 * :func:`stratified` — stratified estimator ``sum W_h p_h``, its variance
   ``sum W_h^2 (N_h - n_h) / (N_h - 1) p_h (1 - p_h) / n_h`` and an interval at the
   effective size ``min(p (1 - p) / var, 1 / sum W_h^2 fpc_h / n_h)`` (estimated variance
@@ -18,11 +19,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from scipy.special import betaincinv, ndtri
+from scipy.stats import hypergeom
 
 from flipguard.errors import ConfigError
 
@@ -36,6 +39,7 @@ __all__ = [
     "check_error",
     "check_p",
     "clopper_pearson",
+    "hypergeometric_interval",
     "interval",
     "leveugle_n",
     "mover",
@@ -158,10 +162,51 @@ def clopper_pearson(k: float, n: float, confidence: float) -> tuple[float, float
     return (lo, hi)
 
 
+@functools.lru_cache(maxsize=65536)
+def hypergeometric_interval(k: int, n: int, N: int, confidence: float) -> tuple[float, float]:
+    """Exact interval of the critical share ``K/N`` of a finite population from ``k``
+    criticals in a simple random sample of ``n`` without replacement: the hypergeometric
+    analogue of Clopper–Pearson (inverting the two one-sided tests over integer ``K``, by
+    bisection), so its coverage is at least ``confidence`` for every ``K``, also when the
+    sample is most of the population.
+
+    >>> hypergeometric_interval(0, 10, 10, 0.95), hypergeometric_interval(3, 10, 10, 0.95)
+    ((0.0, 0.0), (0.3, 0.3))
+    >>> [round(x, 4) for x in hypergeometric_interval(5, 100, 10**7, 0.95)]
+    [0.0164, 0.1128]
+    """
+    alpha = 1.0 - check_confidence(confidence)
+    k, n, N = int(k), int(n), int(N)
+    if not 0 <= k <= n <= N:
+        raise ConfigError(f"hypergeometric_interval: expected 0 <= k <= n <= N, got "
+                          f"k={k}, n={n}, N={N}")
+    first, last = k, N - (n - k)  # the K consistent with the sample
+
+    def search(ok: Callable[[int], bool], lo: int, hi: int) -> int:
+        """Smallest K in [lo, hi] with ok(K) (ok is monotone: False ... True)."""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    lower = first if k == 0 else search(
+        lambda K: hypergeom.sf(k - 1, N, K, n) > alpha / 2, first, last)
+    upper = last if k == n else search(
+        lambda K: hypergeom.cdf(k, N, K, n) <= alpha / 2, first, last + 1) - 1
+    return (lower / N, upper / N)
+
+
 def interval(k: float, n: float, confidence: float, method: str = DEFAULT_METHOD,
-             N: int | None = None) -> tuple[float, float]:
-    """Interval of ``k/n`` by ``method``; with ``N`` the finite-population correction is
-    applied through the effective size ``n (N-1)/(N-n)`` (exact point when ``n >= N``)."""
+             N: int | None = None, exact_fpc: bool = True) -> tuple[float, float]:
+    """Interval of ``k/n`` by ``method``. With ``N`` (a finite population sampled without
+    replacement): Clopper–Pearson becomes the exact hypergeometric interval
+    (:func:`hypergeometric_interval`); Wilson (and Clopper–Pearson with
+    ``exact_fpc=False``, the rule the weighted sub-stratum estimators share with their
+    vectorised planning) take the finite-population correction through the effective size
+    ``n (N-1)/(N-n)``; exact point when ``n >= N``."""
     if method not in METHODS:
         raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if n <= 0:
@@ -169,6 +214,9 @@ def interval(k: float, n: float, confidence: float, method: str = DEFAULT_METHOD
     p = k / n
     if N is not None and n >= N:
         return (p, p)
+    if N is not None and N > 1 and exact_fpc and method == "clopper-pearson" \
+            and float(k).is_integer() and float(n).is_integer():
+        return hypergeometric_interval(int(k), int(n), int(N), float(confidence))
     if N is not None and N > 1:
         n_eff = n * (N - 1) / (N - n)
         k, n = p * n_eff, n_eff

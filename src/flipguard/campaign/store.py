@@ -340,6 +340,13 @@ class CampaignStore:
                "JOIN results r USING (fault_id) ORDER BY p.fault_id")
         return [(_planned_fault(row[:-1]), json.loads(row[-1])) for row in self.con.execute(sql)]
 
+    def compute_seconds(self) -> tuple[float, int]:
+        """Summed per-process seconds of the executed faults that recorded a time, and how
+        many did (older stores and parallel runs before timing existed hold none)."""
+        total, n = self.con.execute("SELECT COALESCE(SUM(seconds), 0), COUNT(seconds) "
+                                    "FROM results").fetchone()
+        return float(total), int(n)
+
     def rows(self) -> list[dict[str, Any]]:
         """Flat rows (fault fields + outcome fields) for export, by fault id."""
         sql = (f"SELECT {', '.join('p.' + c for c in FAULT_COLUMNS)}, r.outcome, r.seconds "

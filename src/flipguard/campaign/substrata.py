@@ -101,13 +101,13 @@ def draw(classes: np.ndarray, cls: int, n: int, seed: int, key: str, round_: int
 def sub_interval(N: int, n: float, k: float, confidence: float,
                  method: str = "clopper-pearson") -> tuple[float, float]:
     """Interval of the rate of a population of ``N`` from ``k`` of ``n`` drawn without
-    replacement (:func:`flipguard.campaign.stats.interval` with FPC, widened to contain
-    ``k / n``)."""
+    replacement (:func:`flipguard.campaign.stats.interval` with the effective-size FPC, as
+    the sequential estimator's vectorised parts, widened to contain ``k / n``)."""
     if n <= 0:
         if method not in METHODS:
             raise ConfigError(f"method: expected wilson or clopper-pearson, got {method!r}")
         return (0.0, 1.0)
-    lo, hi = interval(k, n, confidence, method, N=N)
+    lo, hi = interval(k, n, confidence, method, N=N, exact_fpc=False)
     return (min(lo, k / n), max(hi, k / n))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from flipguard.cli import _core, campaign, harden, nas, ra, report, study, validate
+from flipguard.cli import _core, campaign, harden, init, nas, ra, report, study, validate
 
 app = typer.Typer(
     name="flipguard",
@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (_core, campaign, harden, nas, ra, report, study, validate):
+for _module in (_core, init, campaign, harden, nas, ra, report, study, validate):
     _module.register(app)
 
 __all__ = ["app"]

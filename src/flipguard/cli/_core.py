@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from flipguard.cli._common import cli_errors, console, print_json
+from flipguard.study.detector import DETECTOR_DEFAULTS
 
 METRIC_KEYS = (
     "image_auroc",
@@ -27,25 +28,8 @@ METRIC_KEYS = (
 )
 
 
-DEFAULTS: dict[str, Any] = {
-    "size": 128,
-    "resize": "stretch",
-    "width": 1.0,
-    "latent": 16,
-    "bottleneck": "spatial",
-    "latent_stride": 16,
-    "epochs": 100,
-    "batch_size": 16,
-    "lr": 1e-3,
-    "loss": "l2+ssim",
-    "inpaint": 0.5,
-    "crop": 0,
-    "map": "auto",
-    "smooth": 2.0,
-    "standardize": True,
-    "fpr": 0.05,
-}
-"""Defaults of ``flipguard train`` (shared with ``benchmarks/bench_detector.py``)."""
+DEFAULTS = DETECTOR_DEFAULTS
+"""Defaults of ``flipguard train`` (see :data:`flipguard.study.detector.DETECTOR_DEFAULTS`)."""
 D = DEFAULTS
 
 

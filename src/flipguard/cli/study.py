@@ -14,6 +14,8 @@ from flipguard.cli._common import console, escape, print_json
 from flipguard.cli.campaign import PlanOptions
 from flipguard.cli.options import command
 from flipguard.study.campaigns import CampaignOptions
+from flipguard.study.detector import DETECTOR_DEFAULTS as D
+from flipguard.study.detector import detector_options
 from flipguard.study.objects import STAGES, StudyOptions, run_study
 
 
@@ -38,9 +40,12 @@ def study(root: Path = typer.Argument(..., help="MVTec-layout root (or one categ
           out: Path = typer.Option(..., "--out", help="Study directory."),
           categories: str | None = typer.Option(None, "--categories",
                                                 help="Comma list (default: every object)."),
-          size: int = typer.Option(128, "--size", min=8, help="Image size for training."),
-          epochs: int = typer.Option(100, "--epochs", min=1, help="Training epochs."),
-          fpr: float = typer.Option(0.05, "--fpr", help="Target false-positive rate of the "
+          size: int = typer.Option(D["size"], "--size", min=8, help="Image size for training."),
+          resize: str = typer.Option(D["resize"], "--resize",
+                                     help="stretch | fit (keep aspect, pad)."),
+          width: float = typer.Option(D["width"], "--width", help="CAE width multiplier."),
+          epochs: int = typer.Option(D["epochs"], "--epochs", min=1, help="Training epochs."),
+          fpr: float = typer.Option(D["fpr"], "--fpr", help="Target false-positive rate of the "
                                     "threshold (normal data only)."),
           images: int | None = typer.Option(None, "--images", min=1,
                                             help="Test images per fault (default all)."),
@@ -55,7 +60,7 @@ def study(root: Path = typer.Argument(..., help="MVTec-layout root (or one categ
     opts = StudyOptions(
         categories=tuple(c.strip() for c in categories.split(",") if c.strip())
         if categories else None,
-        train={"size": size, "train": {"epochs": epochs}, "threshold_fpr": fpr},
+        train=detector_options(size=size, resize=resize, width=width, epochs=epochs, fpr=fpr),
         plan=cfg, campaign=CampaignOptions(images=images), criterion=cfg.criterion,
         budget=None if budget is not None and budget < 0 else budget, workers=workers, ray=ray)
     with Live(_view({}), console=console, refresh_per_second=2, transient=json_out) as live:

@@ -71,6 +71,7 @@ def validate(
                       f"[{100 * r['ci'][0]:.3f}, {100 * r['ci'][1]:.3f}] %",
                       f"{100 * r['coverage']:.1f} ± {196 * r['coverage_se']:.1f} %")
     console.print(table)
+    console.print(f"figure: [bold]{escape(rec['figure'])}[/]")
 
 
 def register(app: typer.Typer) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flipguard.data.mvtec import DatasetError
+from flipguard.data.mvtec import DatasetError, MVTecDataset
 from flipguard.fingerprint import tensor_fingerprint
 
 __all__ = ["TensorDataset", "load_tensor_dataset", "TENSOR_SUFFIXES"]
@@ -53,6 +53,24 @@ class TensorDataset:
         parts += [self.labels] if self.labels is not None else []
         parts += [self.normal] if self.normal is not None else []
         return tensor_fingerprint(*parts)
+
+    def split(self) -> MVTecDataset:
+        """The same data in the shape of an MVTec dataset: ``test`` = inputs with their labels
+        (zeros when absent; label 0 is ``good``), ``train`` = the normal inputs (else the
+        inputs), no masks.
+
+        >>> ds = TensorDataset(Path("d.pt"), torch.zeros(3, 1, 4, 4), np.array([0, 1, 1]))
+        >>> s = ds.split(); tuple(s.test.shape), s.test_types
+        ((3, 1, 4, 4), ['good', 'label 1', 'label 1'])
+        """
+        x = self.inputs
+        labels = self.labels if self.labels is not None else \
+            np.zeros(x.shape[0], dtype=np.int64)
+        types = ["good" if v == 0 else f"label {int(v)}" for v in labels]
+        return MVTecDataset(root=self.path, size=int(x.shape[-1]) if x.dim() > 1 else 0,
+                            channels=int(x.shape[1]) if x.dim() > 2 else 1,
+                            train=self.normal if self.normal is not None else x, test=x,
+                            test_labels=labels, test_types=types, test_masks=None)
 
 
 def _read(path: Path) -> Mapping[str, Any]:

@@ -125,8 +125,7 @@ def study_kernel_figure(per_object: Mapping[str, Rows], layer: str) -> Any:
         fig, ax = new_figure(max(5.0, min(12.0, 2.5 + 0.2 * len(kernels))),
                              1.4 + 0.45 * max(len(per_object), 1))
         masked = np.ma.masked_invalid(grid)
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("#d5d8dc")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#d5d8dc")
         im = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=0,
                        vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0,
                                 1e-9))

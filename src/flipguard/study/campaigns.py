@@ -37,6 +37,7 @@ from flipguard.layers import evenly_spaced
 from flipguard.models import load_model
 from flipguard.study.engines import RunEngineFactory
 from flipguard.study.predictors import predictor_for_factory
+from flipguard.study.stores import check_run_store
 
 __all__ = ["CampaignOptions", "CampaignEvents", "PlanSummary", "RunSummary", "StatusSummary",
            "campaign_status", "cfr_rows_of", "export_faults", "plan_campaign", "plan_model",
@@ -231,9 +232,12 @@ def campaign_status(run_or_store: str | Path) -> StatusSummary:
 
 def cfr_rows_of(run_or_store: str | Path, by: tuple[str, ...], criterion: str, method: str,
                 confidence: float | None = None) -> list[dict[str, Any]]:
-    """CFR rows of a campaign (see :func:`flipguard.campaign.cfr_table`)."""
-    return cfr_table(run_or_store, by=by, criterion=criterion, method=method,
-                     confidence=confidence)
+    """CFR rows of a campaign (see :func:`flipguard.campaign.cfr_table`); a run directory's
+    store is first checked against the run as it is now (:func:`check_run_store`)."""
+    with CampaignStore(store_path(run_or_store)) as store:
+        check_run_store(run_or_store, store)
+        return cfr_table(store, by=by, criterion=criterion, method=method,
+                         confidence=confidence)
 
 
 def export_faults(run_or_store: str | Path, fmt: str = "csv", out: str | Path | None = None

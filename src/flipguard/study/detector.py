@@ -23,6 +23,7 @@ from flipguard.data.mvtec import RESIZE_MODES, DatasetError
 from flipguard.detect import ScoreConfig, Scorer, evaluate_detector, fit_map_stats, reconstruct
 from flipguard.mapselect import select_map
 from flipguard.models import CAEConfig, build_cae
+from flipguard.study.initrun import task_metrics
 from flipguard.study.rundir import (
     DataSection,
     ModelSection,
@@ -47,6 +48,50 @@ Progress = Callable[[str, int, int, dict[str, Any]], None]
 
 def _noop(stage: str, done: int, total: int, info: dict[str, Any]) -> None:
     return None
+
+
+DETECTOR_DEFAULTS: dict[str, Any] = {
+    "size": 128,
+    "resize": "stretch",
+    "width": 1.0,
+    "latent": 16,
+    "bottleneck": "spatial",
+    "latent_stride": 16,
+    "epochs": 100,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "loss": "l2+ssim",
+    "inpaint": 0.5,
+    "crop": 0,
+    "map": "auto",
+    "smooth": 2.0,
+    "standardize": True,
+    "fpr": 0.05,
+}
+"""The default detector (``flipguard train``, ``flipguard study``, the benchmarks)."""
+
+
+def detector_options(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`train_detector` for the default detector, with
+    ``overrides`` (keys of :data:`DETECTOR_DEFAULTS`) applied.
+
+    >>> o = detector_options(size=32, epochs=2)
+    >>> o["size"], o["train"]["epochs"], o["model"]["bottleneck"], o["threshold_fpr"]
+    (32, 2, 'spatial', 0.05)
+    """
+    unknown = set(overrides) - set(DETECTOR_DEFAULTS)
+    if unknown:
+        raise TypeError(f"detector_options: unknown option {sorted(unknown)[0]!r}")
+    d = {**DETECTOR_DEFAULTS, **overrides}
+    return {
+        "size": d["size"], "resize": d["resize"], "threshold_fpr": d["fpr"],
+        "model": {"width": d["width"], "latent_dim": d["latent"], "bottleneck": d["bottleneck"],
+                  "latent_stride": d["latent_stride"]},
+        "train": {"epochs": d["epochs"], "batch_size": d["batch_size"], "lr": d["lr"],
+                  "loss": d["loss"], "inpaint": d["inpaint"], "crop": d["crop"]},
+        "score": {"map": d["map"], "smooth_sigma": d["smooth"],
+                  "standardize": d["standardize"]},
+    }
 
 
 def train_detector(
@@ -191,6 +236,8 @@ def evaluate_run(
     if not isinstance(run, Run):
         run = load_run(run)
     ds = dataset if dataset is not None else run.load_data(data)
+    if run.task_kind != "detection":
+        return task_metrics(run.model, ds, run.config.task)
     progress = progress or _noop
     t0 = time.perf_counter()
     metrics = evaluate_detector(

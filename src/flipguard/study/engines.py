@@ -22,11 +22,11 @@ import torch
 
 from flipguard.errors import ConfigError
 from flipguard.fingerprint import tensor_fingerprint
-from flipguard.inject import DetectionTask, Engine, Task
+from flipguard.inject import ClassificationTask, DetectionTask, Engine, Task, ToleranceTask
 from flipguard.layers import evenly_spaced
 from flipguard.study.rundir import Run, load_run
 
-__all__ = ["EngineParts", "RunEngineFactory", "task_for"]
+__all__ = ["EngineParts", "RunEngineFactory", "task_fingerprint", "task_for"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,27 @@ class EngineParts:
 
 
 def task_for(run: Run, labels: np.ndarray) -> Task:
-    """The task saying what "correct" means for ``run`` (the detector at its threshold)."""
+    """The task saying what "correct" means for ``run`` (``config.task``): the detector at
+    its threshold, the top-1 label, or outputs within a tolerance of golden."""
+    t = run.config.task
+    if t.kind == "classification":
+        return ClassificationTask(labels)
+    if t.kind == "tolerance":
+        return ToleranceTask(len(labels), atol=t.atol, rtol=t.rtol)
     return DetectionTask(run.scorer.scores, run.threshold, labels)
+
+
+def task_fingerprint(run: Run, fmt: str) -> str:
+    """sha256 of what "correct" means for ``run`` in number format ``fmt``. A detection
+    run hashes exactly what it always did (threshold, score, fmt), so stores made before
+    tasks existed still match."""
+    t = run.config.task
+    what: dict[str, Any] = {"fmt": fmt}
+    if t.kind == "detection":
+        what.update(threshold=run.threshold, score=run.config.score)
+    else:
+        what.update(task=t.model_dump())
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 _PARTS: dict[Any, EngineParts] = {}
@@ -86,11 +105,9 @@ class RunEngineFactory:
         """``model``, ``data`` (evaluated inputs + labels) and ``task`` (what "correct" means
         and the number format) fingerprints."""
         p = self.parts()
-        task = json.dumps({"threshold": p.run.threshold, "score": p.run.config.score,
-                           "fmt": self.fmt}, sort_keys=True)
         return {"model": p.run.model_fingerprint(),
                 "data": tensor_fingerprint(p.inputs, p.labels),
-                "task": hashlib.sha256(task.encode()).hexdigest()}
+                "task": task_fingerprint(p.run, self.fmt)}
 
     def __call__(self) -> Engine:
         p = self.parts()

@@ -22,8 +22,8 @@ from flipguard.campaign.stats import wilson
 from flipguard.campaign.substrata import CLASS_LABELS, CLASS_PRIORS, split_key
 from flipguard.criticality import Predictor
 from flipguard.errors import ConfigError
-from flipguard.inject import CRITICAL, DetectionTask
-from flipguard.study.engines import RunEngineFactory
+from flipguard.inject import CRITICAL
+from flipguard.study.engines import RunEngineFactory, task_for
 
 __all__ = ["PREDICTOR_DIR", "calibration_table", "predictor_for_factory", "predictor_for_run"]
 
@@ -49,7 +49,7 @@ def predictor_for_run(run: str | Path, images: int | None = None,
     path = Path(run) / PREDICTOR_DIR / f"{digest}.pt"
     if cache and path.is_file():
         return Predictor.load(path, r.model, layers=layers)
-    pred = Predictor.build(r.model, inputs, DetectionTask(r.scorer.scores, r.threshold, labels),
+    pred = Predictor.build(r.model, inputs, task_for(r, labels),
                            criterion, targets=targets, layers=layers, fmt=fmt,
                            max_images=max_images, kinds=kinds)
     if cache:

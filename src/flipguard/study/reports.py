@@ -35,7 +35,7 @@ from flipguard.report import CampaignData, DetectorData, ReportContext, render_r
 from flipguard.study import predictors
 from flipguard.study.engines import RunEngineFactory
 from flipguard.study.rundir import Run, load_run
-from flipguard.study.stores import campaign_factory, mismatch
+from flipguard.study.stores import campaign_factory, fingerprints_or_none, mismatch
 
 __all__ = ["EXTRAS", "GROUPINGS", "build_report", "calibration_data", "campaign_data",
            "collect", "detector_data", "layer_types"]
@@ -74,7 +74,9 @@ def _pick_examples(labels: np.ndarray, types: Sequence[str], k: int) -> list[int
 
 def detector_data(run: Run, notes: list[str], examples: int = 6) -> DetectorData | None:
     """Scores of every test image and ``examples`` example maps; None (with a note) when the
-    dataset cannot be loaded."""
+    dataset cannot be loaded or the run is not a detector."""
+    if run.task_kind != "detection":
+        return None
     try:
         ds = run.load_data()
     except (FlipguardError, OSError) as exc:
@@ -176,13 +178,6 @@ def _extras(run_path: Path, notes: list[str]) -> dict[str, Any]:
     return out
 
 
-def _fingerprints(factory: RunEngineFactory) -> dict[str, str] | None:
-    try:
-        return factory.fingerprints()
-    except (FlipguardError, OSError):  # the data is gone: only the model can be compared
-        return None
-
-
 def _differs(what: str, recorded: Any, current: dict[str, str], where: Path) -> str | None:
     """Why ``recorded`` fingerprints (of a result file) do not match ``current``."""
     if not isinstance(recorded, dict):
@@ -198,7 +193,7 @@ def _withhold(ctx: ReportContext, run: Run, store: CampaignStore | None) -> None
     docstring), recording why in ``ctx.withheld``."""
     current = {"model": run.model_fingerprint()}
     if store is not None:
-        fps = _fingerprints(campaign_factory(run.path, store))
+        fps = fingerprints_or_none(campaign_factory(run.path, store))
         why = mismatch(store, fps or current)
         if why is not None:
             ctx.withheld["campaign"] = f"{why}; {RERUN['campaign']}"
@@ -216,7 +211,7 @@ def _withhold(ctx: ReportContext, run: Run, store: CampaignStore | None) -> None
     r = ctx.extras.get("resiliency")
     if isinstance(r, dict) and isinstance(r.get("source"), dict) and "run" in r["source"]:
         n = r.get("n_images")
-        fps = _fingerprints(RunEngineFactory(str(run.path), images=n or None,
+        fps = fingerprints_or_none(RunEngineFactory(str(run.path), images=n or None,
                                              fmt=str(r.get("format", "fp32"))))
         why = _differs("resiliency", r.get("fingerprints"), fps or {"model": current["model"]},
                        run.path / EXTRAS["resiliency"][0])

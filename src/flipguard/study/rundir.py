@@ -2,9 +2,17 @@
 
 Layout::
 
-    RUN/config.json    RunConfig: data, model, score, train and threshold sections
+    RUN/config.json    RunConfig: data, model, task, score, train and threshold sections
     RUN/model.pt       state dict (loaded with ``torch.load(..., weights_only=True)``)
-    RUN/metrics.json   test metrics written by ``flipguard train`` / ``evaluate``
+    RUN/metrics.json   test metrics written by ``flipguard train`` / ``init`` / ``evaluate``
+    RUN/trust.json     this user's consent to import the run's model factory (study/trust.py)
+
+A run made by ``flipguard train`` is a CAE detector on an MVTec-layout root; one made by
+``flipguard init`` holds any model (``model.kind = "factory"``) on an MVTec root or a tensor
+file (``data.format = "tensors"``) for a task saying what "correct" means (``task.kind``:
+detection at a threshold, top-1 classification, or a tolerance on the outputs). Opening a run
+never imports a non-flipguard factory it names unless this user trusted it (see
+:func:`flipguard.study.trust.trusted`, ``flipguard --trust-code``).
 
 Example::
 
@@ -16,21 +24,25 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flipguard import __version__
 from flipguard.data import load_mvtec
+from flipguard.data.tensors import load_tensor_dataset
 from flipguard.detect import ScoreConfig, Scorer
 from flipguard.errors import FlipguardError
 from flipguard.fileio import atomic_write, json_clean, replacing
+from flipguard.fingerprint import state_fingerprint
 from flipguard.models import CAEConfig, build_cae, load_model
+from flipguard.models.loading import is_builtin_spec
+from flipguard.study.trust import sign, trusted
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
@@ -46,6 +58,7 @@ class DataSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: str
+    format: Literal["mvtec", "tensors"] = "mvtec"
     category: str | None = None
     size: int = 128
     channels: int = 1
@@ -61,6 +74,17 @@ class ModelSection(BaseModel):
     kind: str = "cae"
     params: dict[str, Any] = Field(default_factory=dict)
     factory: str | None = None
+
+
+class TaskSection(BaseModel):
+    """What "correct" means: the anomaly decision at the threshold (``detection``), the top-1
+    label (``classification``) or every output within ``atol + rtol·|golden|`` of the golden
+    output (``tolerance``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["detection", "classification", "tolerance"] = "detection"
+    atol: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    rtol: float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
 
 class ThresholdSection(BaseModel):
@@ -88,9 +112,10 @@ class RunConfig(BaseModel):
     flipguard_version: str = __version__
     data: DataSection
     model: ModelSection
-    score: dict[str, Any]
+    task: TaskSection = Field(default_factory=TaskSection)
+    score: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
-    threshold: ThresholdSection
+    threshold: ThresholdSection | None = None
 
 
 @dataclass
@@ -103,7 +128,14 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def task_kind(self) -> str:
+        return self.config.task.kind
+
+    @property
     def threshold(self) -> float:
+        if self.config.threshold is None:
+            raise RunError(f"{self.path / CONFIG_FILE}: no threshold (a "
+                           f"{self.task_kind} run has no anomaly decision)")
         return float(self.config.threshold.value)
 
     @property
@@ -116,6 +148,8 @@ class Run:
 
         d = self.config.data
         root = Path(data_dir) if data_dir is not None else Path(d.path)
+        if d.format == "tensors":
+            return load_tensor_dataset(root, need_labels=self.task_kind != "tolerance").split()
         return load_mvtec(root, category=d.category, size=d.size, channels=d.channels,
                           resize=d.resize)
 
@@ -124,27 +158,44 @@ class Run:
         return state_fingerprint(self.model.state_dict())
 
 
-def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of a state dict, independent of device."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def build_model(section: ModelSection) -> torch.nn.Module:
-    """Instantiate the (untrained) network a model section describes."""
+def build_model(section: ModelSection, run: str | Path | None = None) -> torch.nn.Module:
+    """Instantiate the (untrained) network a model section describes. A factory that is not
+    flipguard's own is imported only when this user trusts it for ``run``
+    (:func:`check_trusted`)."""
     if section.kind == "cae":
-
         return build_cae(CAEConfig(**section.params))
     if section.kind == "factory" and section.factory:
-
+        if run is not None:
+            check_trusted(run, section.factory, section.params)
         return load_model(section.factory, None, **section.params)
     raise RunError(
         f"model.kind: expected 'cae' or 'factory' with a factory spec, got {section.kind!r}"
     )
+
+
+TRUST_ENV = "FLIPGUARD_TRUST_CODE"
+"""Set to ``1`` (``flipguard --trust-code``) to trust the factories of the runs opened."""
+
+
+def check_trusted(run: str | Path, spec: str, params: dict[str, Any]) -> None:
+    """Refuse (one line) to import ``spec`` for ``run`` unless it is flipguard's own, this
+    user signed it (``flipguard init``), or ``$FLIPGUARD_TRUST_CODE=1`` — then the consent is
+    recorded in ``RUN/trust.json`` for later verbs.
+
+    >>> try:
+    ...     check_trusted("runs/received", "os:system", {"command": "echo hi"})
+    ... except RunError as e:
+    ...     print(str(e)[:60])
+    runs/received/config.json: model.factory 'os:system' is code
+    """
+    if is_builtin_spec(spec) or trusted(run, spec, params):
+        return
+    if os.environ.get(TRUST_ENV) == "1":
+        sign(run, spec, params)
+        return
+    raise RunError(f"{Path(run) / CONFIG_FILE}: model.factory {spec!r} is code the run names; "
+                   "flipguard runs it only with consent: pass --trust-code (flipguard "
+                   "--trust-code VERB ...) if you trust where this run came from")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -193,7 +244,7 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{cfg_file}: unreadable ({exc})") from None
     if not w_file.is_file():
         raise RunError(f"{w_file}: missing model weights")
-    model = build_model(config.model)
+    model = build_model(config.model, path)
     try:
         state = torch.load(w_file, map_location="cpu", weights_only=True)
         model.load_state_dict(state)

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from flipguard.campaign import CampaignStore, StoreError
+from flipguard.errors import FlipguardError
 from flipguard.study.engines import RunEngineFactory
+from flipguard.study.rundir import CONFIG_FILE, load_run
 
-__all__ = ["campaign_factory", "check_campaign", "mismatch"]
+__all__ = ["campaign_factory", "check_campaign", "check_run_store", "fingerprints_or_none",
+           "mismatch"]
 
 _FRESH = "; use --fresh to start over"
 
@@ -46,5 +49,29 @@ def check_campaign(store: CampaignStore, factory: RunEngineFactory, fix: str) ->
     """Raise :class:`~flipguard.campaign.StoreError` (one line ending in ``fix``) when
     ``store`` was made for another model, dataset or task than ``factory``'s engine."""
     why = mismatch(store, factory.fingerprints())
+    if why is not None:
+        raise StoreError(f"{why}; {fix}")
+
+
+def fingerprints_or_none(factory: RunEngineFactory) -> dict[str, str] | None:
+    """``factory.fingerprints()``, or None when the run's data cannot be loaded (then only
+    the model can be compared)."""
+    try:
+        return factory.fingerprints()
+    except (FlipguardError, OSError):
+        return None
+
+
+def check_run_store(run: str | Path, store: CampaignStore,
+                    fix: str = "re-run `flipguard campaign run RUN --fresh`") -> None:
+    """When ``run`` is a run directory, raise :class:`~flipguard.campaign.StoreError` if
+    ``store`` was made for another model, dataset or task than the run as it is now (its
+    model only, when the data are gone). A bare store path is not checked. Opening the run
+    obeys the trust rule of :func:`flipguard.study.rundir.check_trusted`."""
+    if not (Path(run).is_dir() and (Path(run) / CONFIG_FILE).is_file()):
+        return
+    fps = fingerprints_or_none(campaign_factory(run, store)) or \
+        {"model": load_run(run).model_fingerprint()}
+    why = mismatch(store, fps)
     if why is not None:
         raise StoreError(f"{why}; {fix}")

@@ -6,7 +6,7 @@ the run is resumable, kill-safe and can use ``--workers``. Then SFI samples are 
 those results at several margins (:func:`flipguard.campaign.validation.validate_sfi`) and
 ``RUN/validate/<layer>.json`` records the exhaustive CFR per layer and bit, one SFI estimate
 and interval per design and margin, and the coverage of the intervals against the nominal
-confidence.
+confidence; ``<layer>.png`` / ``.svg`` show them (:mod:`flipguard.report.figures_validate`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from flipguard.errors import ConfigError
 from flipguard.faults import SiteSpace, get_format
 from flipguard.fileio import atomic_write, json_clean
 from flipguard.inject import CRITICAL, Outcome, parse_criterion
+from flipguard.report.figures import render
+from flipguard.report.figures_validate import validation_figure
 
 __all__ = ["VALIDATE_DIR", "ValidateOptions", "validate_run"]
 
@@ -89,6 +91,7 @@ def validate_run(run: str | Path, factory: Any, opts: ValidateOptions,
         summary = run_campaign(store, factory, workers=opts.workers, chunk=opts.chunk,
                                progress=progress)
         critical, bits = _classes(store, crit)
+        cpu_seconds, timed = store.compute_seconds()
     rows = validate_sfi(critical, bits, margins=opts.margins, confidence=opts.confidence,
                         replications=opts.replications, seed=opts.seed, method=opts.method)
     record = {
@@ -99,9 +102,16 @@ def validate_run(run: str | Path, factory: Any, opts: ValidateOptions,
         "critical": int(critical.sum()), "cfr": float(critical.mean()),
         "cost": {"faults": int(critical.size), "ran_now": summary["ran"],
                  "seconds_now": summary["seconds"], "rate_now": summary["rate"],
-                 "wall_seconds_now": time.perf_counter() - t0},
+                 "wall_seconds_now": time.perf_counter() - t0,
+                 "process_seconds": cpu_seconds, "timed_faults": timed,
+                 "seconds_per_fault": cpu_seconds / timed if timed else None},
         "rows": [r.to_dict() for r in rows],
     }
+    fig = render(validation_figure(record), f"validate_{opts.layer}",
+                 f"{opts.layer}: exhaustive CFR vs SFI")
+    atomic_write(path.with_suffix(".png"), fig.png)
+    atomic_write(path.with_suffix(".svg"), fig.svg)
+    record["figure"] = str(path.with_suffix(".png"))
     atomic_write(path.with_suffix(".json"), json.dumps(json_clean(record), indent=1) + "\n")
     return record
 
