@@ -39,7 +39,7 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 # Refresh the lock on purpose (never done by demo/test): newest versions that satisfy
 # pyproject.toml, torch itself excluded (it comes from $(TORCH)).

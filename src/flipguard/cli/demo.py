@@ -2,7 +2,9 @@
 
 It exercises every landed capability on the built-in synthetic dataset in a few minutes on
 2 CPU cores, through the same CLI verbs a user types: synth → train → evaluate → campaign plan
-and run → cfr per layer and per bit → harden → resiliency accuracy → report.
+and run → cfr per layer and per bit → harden → resiliency accuracy → report → SFI validated
+against exhaustive injection of the first layer → a user's own model as a run (``init``) →
+a two-object study with cross-object figures → a small architecture search.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def run_demo(
     """Run the demo into ``out``; returns a summary of where results are."""
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
-    steps = ["synth", "train", "evaluate", "campaign", "cfr", "harden", "ra", "report"]
+    steps = ["synth", "train", "evaluate", "campaign", "cfr", "harden", "ra", "report",
+             "validate", "init", "study", "nas"]
     has_ra = importlib.util.find_spec("flipguard.cli.ra") is not None
     if not has_ra:
         steps.remove("ra")
@@ -70,9 +73,54 @@ def run_demo(
              "--target-margin", 0.02, "--max-samples", 400, "--seed", seed)
     step("report", "self-contained HTML report")
     _cli("report", run_dir)
+    step("validate", "statistical fault injection against exhaustive injection (first layer)")
+    _cli("validate", run_dir, "--layer", "encoder.0", "--images", 16, "--bits",
+         "20,21,22,23,24,25,26,27,28,29,30,31", "--margins", "0.02,0.05", "--replications",
+         500, "--workers", 2)
+    step("init", "your own model as a run: a user's autoencoder file, then a campaign on it")
+    user = out / "user_model.py"
+    user.write_text(USER_MODEL)
+    user_run = out / "user-run"
+    _cli("init", user_run, "--model", f"{user}:autoencoder", "--data", data_dir, "--size", size,
+         "--task", "tolerance", "--atol", 0.05)
+    _cli("campaign", "run", user_run, *opts, "--images", 16)
+    _cli("cfr", user_run, "--by", "layer", "--criterion", "any-flip")
+    step("study", "two objects at once: train → campaign → CFR → harden → report each, "
+         "then figures across objects")
+    objects = out / "objects"
+    for i, name in enumerate(("tiles", "plates")):
+        _cli("synth", objects / name, "--n-train", 40, "--n-test", 20, "--size", 32, "--seed",
+             seed + 1 + i, "--overwrite")
+    _cli("study", objects, "--out", out / "study", "--size", 32, "--width", 0.25, "--epochs",
+         5, "--strata", "layer", "--error", 0.3, "--confidence", 0.9, "--images", 10,
+         "--budget", 0.05)
+    step("nas", "resilience-aware architecture search (a few trials, tiny budget)")
+    _cli("nas", "--data", data_dir, "--out", out / "nas", "--trials", 4, "--size", 32,
+         "--screen-epochs", 2, "--screen-samples", 64, "--full-epochs", 3, "--ra-max-samples",
+         128, "--ra-images", 16, "--front-max", 2, "--startup-trials", 2, "--no-uniform")
     return {
         "dataset": str(data_dir),
         "run": str(run_dir),
         "campaign store": str(run_dir / "campaign.sqlite"),
         "report": str(run_dir / "report.html"),
+        "validation": str(run_dir / "validate" / "encoder.0.png"),
+        "your model": str(user_run),
+        "study": str(out / "study" / "study.html"),
+        "architecture search": str(out / "nas"),
     }
+
+
+USER_MODEL = '''"""A user's own model file (written by the demo): flipguard imports it because the
+user named it on the command line, and signs the run so later verbs open it."""
+import torch
+from torch import nn
+
+
+def autoencoder(channels: int = 1, width: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(),
+        nn.Conv2d(width, width, 4, 2, 1), nn.ReLU(),
+        nn.ConvTranspose2d(width, width, 4, 2, 1), nn.ReLU(),
+        nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Sigmoid())
+'''

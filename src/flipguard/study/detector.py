@@ -52,7 +52,7 @@ def _noop(stage: str, done: int, total: int, info: dict[str, Any]) -> None:
 
 DETECTOR_DEFAULTS: dict[str, Any] = {
     "size": 128,
-    "resize": "stretch",
+    "resize": "fit",
     "width": 1.0,
     "latent": 16,
     "bottleneck": "spatial",

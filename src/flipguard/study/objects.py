@@ -131,18 +131,21 @@ def run_object(name: str, data: Path, category: str | None, out: Path,
             _mark(obj, "campaign", faults=s.done, seconds=s.seconds)
         stage = "cfr"
         if not _stages(obj).get("cfr", {}).get("done"):
+            t0 = time.perf_counter()
             tables = {g: cfr_table(run, by=by, criterion=opts.criterion)
                       for g, by in GROUPINGS.items()}
             atomic_write(obj / "cfr.json", json.dumps(json_clean(tables), indent=1) + "\n")
-            _mark(obj, "cfr")
+            _mark(obj, "cfr", seconds=time.perf_counter() - t0)
         stage = "harden"
         if opts.budget is not None and not _stages(obj).get("harden", {}).get("done"):
+            t0 = time.perf_counter()
             harden_run(run, budget=opts.budget, criterion=opts.criterion)
-            _mark(obj, "harden")
+            _mark(obj, "harden", seconds=time.perf_counter() - t0)
         stage = "report"
         if not _stages(obj).get("report", {}).get("done"):
+            t0 = time.perf_counter()
             build_report(run, criterion=opts.criterion)
-            _mark(obj, "report")
+            _mark(obj, "report", seconds=time.perf_counter() - t0)
     except (FlipguardError, OSError) as exc:
         _fail(obj, stage, exc)
     except Exception as exc:  # noqa: BLE001 - one object's crash must not stop the others
