@@ -149,13 +149,13 @@ def test_received_run_is_refused_without_consent(signed_run: Path, tmp_path: Pat
     received = tmp_path / "received"
     shutil.copytree(signed_run, received)
     monkeypatch.setenv("FLIPGUARD_HOME", str(tmp_path / "other-user"))
-    monkeypatch.delenv(TRUST_ENV, raising=False)
+    monkeypatch.setenv(TRUST_ENV, "0")
     out = cli("evaluate", received, code=2)
     assert "--trust-code" in out and "resnet20.py" in out
     assert len(out.strip().splitlines()) == 1
     out = cli("--trust-code", "evaluate", received, "--json")
     assert json.loads(out)["task"] == "classification"
-    monkeypatch.delenv(TRUST_ENV, raising=False)
+    monkeypatch.setenv(TRUST_ENV, "0")
     cli("evaluate", received)  # the consent was recorded in the run
 
 
@@ -167,7 +167,7 @@ def test_received_run_naming_os_system_never_runs_it(signed_run: Path, tmp_path:
     cfg["model"] = {"kind": "factory", "factory": "os:system",
                     "params": {"command": f"touch {marker}"}}
     (signed_run / "config.json").write_text(json.dumps(cfg))
-    monkeypatch.delenv(TRUST_ENV, raising=False)
+    monkeypatch.setenv(TRUST_ENV, "0")
     for verb in (["evaluate", signed_run], ["cfr", signed_run],
                  ["campaign", "run", signed_run, *PLAN], ["report", signed_run],
                  ["harden", signed_run],
