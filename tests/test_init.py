@@ -82,6 +82,10 @@ def test_resnet20_classifier_every_verb(tmp_path: Path) -> None:
     with CampaignStore(store_path(run)) as store:
         golden = store.get_meta("golden")
     assert golden["kind"] == "classification"
+    # activation clamping saves RUN/hardened: the hardened run of a user's model opens too
+    # (harden signs it, the base run being trusted)
+    cli("harden", run, "--budget", 0.2, "--schemes", "act,tmr")
+    assert json.loads(cli("evaluate", run / "hardened", "--json"))["task"] == "classification"
 
 
 def test_user_autoencoder_detection_every_verb(tmp_path: Path) -> None:
@@ -175,3 +179,23 @@ def test_received_run_naming_os_system_never_runs_it(signed_run: Path, tmp_path:
         out = cli(*verb, code=2)
         assert "os:system" in out and "--trust-code" in out, verb
         assert not marker.exists(), verb
+
+
+@pytest.mark.parametrize("model", [
+    # a flipguard callable that imports what its parameters name
+    {"kind": "factory", "factory": "flipguard.models.loading:load_model",
+     "params": {"spec": "os:system", "command": "touch {marker}"}},
+    # flipguard's hardened-run wrapper around a received factory
+    {"kind": "factory", "factory": "flipguard.study.hardening:build_hardened",
+     "params": {"base": {"kind": "factory", "factory": "os:system",
+                         "params": {"command": "touch {marker}"}}, "clamp_layers": []}},
+])
+def test_flipguard_callables_do_not_launder_received_code(
+        signed_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: dict) -> None:
+    marker = tmp_path / "PWNED"
+    cfg = json.loads((signed_run / "config.json").read_text())
+    cfg["model"] = json.loads(json.dumps(model).replace("{marker}", str(marker)))
+    (signed_run / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv(TRUST_ENV, "0")
+    out = cli("evaluate", signed_run, code=2)
+    assert "--trust-code" in out and not marker.exists()

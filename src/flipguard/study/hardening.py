@@ -57,6 +57,7 @@ from flipguard.ra import parse_hardware
 from flipguard.study.engines import RunEngineFactory
 from flipguard.study.rundir import ModelSection, Run, build_model, save_run
 from flipguard.study.stores import campaign_factory, check_campaign
+from flipguard.study.trust import sign
 
 __all__ = ["FACTORY", "RESULT_FILE", "SCHEMA", "HardenOptions", "HardeningResult",
            "build_hardened", "campaign_engines", "evaluate_protections", "harden_run",
@@ -291,6 +292,9 @@ def save_hardened_run(run: Run, hardened: nn.Module, out: str | Path | None = No
                            params={"base": base.model_dump(),
                                    "clamp_layers": clamped_layers(hardened)})
     config = run.config.model_copy(update={"model": section})
-    return save_run(Path(out) if out is not None else Path(run.path) / HARDENED_DIR, config,
+    path = save_run(Path(out) if out is not None else Path(run.path) / HARDENED_DIR, config,
                     hardened, metrics)
+    if base.kind == "factory" and base.factory:  # the base run was trusted to be opened here
+        sign(path, base.factory, base.params)
+    return path
 

@@ -41,7 +41,6 @@ from flipguard.errors import FlipguardError
 from flipguard.fileio import atomic_write, json_clean, replacing
 from flipguard.fingerprint import state_fingerprint
 from flipguard.models import CAEConfig, build_cae, load_model
-from flipguard.models.loading import is_builtin_spec
 from flipguard.study.trust import sign, trusted
 
 CONFIG_FILE = "config.json"
@@ -159,18 +158,44 @@ class Run:
 
 
 def build_model(section: ModelSection, run: str | Path | None = None) -> torch.nn.Module:
-    """Instantiate the (untrained) network a model section describes. A factory that is not
-    flipguard's own is imported only when this user trusts it for ``run``
-    (:func:`check_trusted`)."""
+    """Instantiate the (untrained) network a model section describes. With ``run``, the code
+    it names is first checked against this user's trust (:func:`check_model_trusted`)."""
+    if run is not None:
+        check_model_trusted(run, section)
     if section.kind == "cae":
         return build_cae(CAEConfig(**section.params))
     if section.kind == "factory" and section.factory:
-        if run is not None:
-            check_trusted(run, section.factory, section.params)
         return load_model(section.factory, None, **section.params)
     raise RunError(
         f"model.kind: expected 'cae' or 'factory' with a factory spec, got {section.kind!r}"
     )
+
+
+SAFE_FACTORIES = frozenset({"flipguard.models.cae:build_cae"})
+"""flipguard's own model factories: a received run may name them freely."""
+WRAPPERS = {"flipguard.study.hardening:build_hardened": "base",
+            "flipguard.harden.module:build_hardened": "base"}
+"""flipguard factories that build another model section (held in the named parameter): they
+are as trusted as the section they wrap."""
+
+
+def check_model_trusted(run: str | Path, section: ModelSection) -> None:
+    """Refuse (one line) a model section naming code this user has not trusted for ``run``:
+    any factory but :data:`SAFE_FACTORIES`, looking through :data:`WRAPPERS` to the section
+    they wrap (see :func:`check_trusted`)."""
+    if section.kind != "factory" or not section.factory:
+        return
+    spec = section.factory
+    if spec in WRAPPERS:
+        key = WRAPPERS[spec]
+        try:
+            inner = ModelSection(**dict(section.params.get(key) or {}))
+        except (TypeError, ValueError):
+            raise RunError(f"{Path(run) / CONFIG_FILE}: model.params.{key}: expected a model "
+                           "section") from None
+        return check_model_trusted(run, inner)
+    if spec not in SAFE_FACTORIES:
+        check_trusted(run, spec, section.params)
 
 
 TRUST_ENV = "FLIPGUARD_TRUST_CODE"
@@ -178,9 +203,11 @@ TRUST_ENV = "FLIPGUARD_TRUST_CODE"
 
 
 def check_trusted(run: str | Path, spec: str, params: dict[str, Any]) -> None:
-    """Refuse (one line) to import ``spec`` for ``run`` unless it is flipguard's own, this
-    user signed it (``flipguard init``), or ``$FLIPGUARD_TRUST_CODE=1`` — then the consent is
-    recorded in ``RUN/trust.json`` for later verbs.
+    """Refuse (one line) to import ``spec`` for ``run`` unless this user signed it
+    (``flipguard init``) or ``$FLIPGUARD_TRUST_CODE=1`` — then the consent is recorded in
+    ``RUN/trust.json`` for later verbs. (Every flipguard callable but a model factory counts
+    as code too: ``flipguard.models.loading:load_model`` would import what its parameters
+    name.)
 
     >>> try:
     ...     check_trusted("runs/received", "os:system", {"command": "echo hi"})
@@ -188,7 +215,7 @@ def check_trusted(run: str | Path, spec: str, params: dict[str, Any]) -> None:
     ...     print(str(e)[:60])
     runs/received/config.json: model.factory 'os:system' is code
     """
-    if is_builtin_spec(spec) or trusted(run, spec, params):
+    if trusted(run, spec, params):
         return
     if os.environ.get(TRUST_ENV) == "1":
         sign(run, spec, params)
