@@ -3,11 +3,16 @@ traceable) and a model with per-sample data-dependent control flow (not traceabl
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flipguard.models import CAEConfig, build_cae
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def tiny_cae(size: int = 32, width: float = 0.25, latent: int = 8, seed: int = 0) -> nn.Module:
@@ -23,47 +28,17 @@ def smooth_images(n: int, size: int = 32, channels: int = 1, seed: int = 0) -> t
     return x.clamp(0, 1).contiguous()
 
 
-class _Block(nn.Module):
-    """CIFAR ResNet basic block with the option-A (zero-padding) shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.pad = (c_out - c_in) // 2 if stride != 1 or c_in != c_out else -1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.pad >= 0:
-            short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-        else:
-            short = x
-        return F.relu(out + short)
+def example(name: str):
+    """The module ``examples/<name>.py`` (the user-model examples of the README tour)."""
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"flipguard_example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (3 stages x 3 blocks, widths w, 2w, 4w) for ``classes`` outputs."""
-
-    def __init__(self, width: int = 4, classes: int = 10, channels: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        blocks, c = [], width
-        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
-            for i in range(3):
-                blocks.append(_Block(c, c_out, 2 if stage > 0 and i == 0 else 1))
-                c = c_out
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(c, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layers(out)
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+ResNet20 = example("resnet20").ResNet20
+"""CIFAR ResNet-20 (3 stages x 3 blocks, widths w, 2w, 4w): the README example's class."""
 
 
 def resnet20(width: int = 4, classes: int = 10, seed: int = 0) -> nn.Module:

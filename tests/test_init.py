@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from flipguard.cli import app
 from flipguard.data.synth import make_synthetic
 from flipguard.study.rundir import TRUST_ENV, load_run
+from models_zoo import EXAMPLES, example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 R20 = f"{EXAMPLES / 'resnet20.py'}:resnet20"
 AE = f"{EXAMPLES / 'user_ae.py'}:user_ae"
 PLAN = ["--strata", "layer", "--error", "0.4", "--confidence", "0.8", "--seed", "0"]
@@ -30,12 +30,7 @@ def cli(*args: object, code: int = 0) -> str:
 
 
 def _save_r20(tmp: Path, width: int = 4, n: int = 24) -> tuple[Path, Path]:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("r20_example", EXAMPLES / "resnet20.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    net = mod.resnet20(width)
+    net = example("resnet20").resnet20(width)
     weights = tmp / "w.pt"
     torch.save(net.state_dict(), weights)
     g = torch.Generator().manual_seed(0)
@@ -90,12 +85,7 @@ def test_resnet20_classifier_every_verb(tmp_path: Path) -> None:
 
 def test_user_autoencoder_detection_every_verb(tmp_path: Path) -> None:
     data = make_synthetic(tmp_path / "d", n_train=30, n_test=12, size=32, seed=0)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ae_example", EXAMPLES / "user_ae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    torch.save(mod.user_ae(width=4).state_dict(), tmp_path / "ae.pt")
+    torch.save(example("user_ae").user_ae(width=4).state_dict(), tmp_path / "ae.pt")
     run = tmp_path / "ae"
     m = json.loads(cli("init", run, "--model", AE, "--param", "width=4", "--weights",
                        tmp_path / "ae.pt", "--data", data, "--size", 32, "--task",

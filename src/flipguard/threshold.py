@@ -44,6 +44,7 @@ __all__ = [
     "check_fpr",
     "check_threshold_args",
     "resolve_auto",
+    "score_stats",
 ]
 
 ThresholdMethod = Literal["auto", "tail", "empirical", "quantile", "mean+kstd"]
@@ -94,6 +95,18 @@ def resolve_auto(n: int, fpr: float) -> str:
         ('empirical', 'tail', 'tail')
     """
     return "empirical" if (n + 1) * fpr >= AUTO_MIN_EXCEEDANCES else "tail"
+
+
+def score_stats(scores: Sequence[float] | np.ndarray | torch.Tensor) -> dict[str, float]:
+    """``n``, ``mean``, ``std``, ``min``, ``max`` of calibration scores (the ``val_stats`` a
+    run records beside its threshold).
+
+    >>> score_stats([1.0, 3.0])
+    {'n': 2.0, 'mean': 2.0, 'std': 1.0, 'min': 1.0, 'max': 3.0}
+    """
+    x = np.asarray(scores, dtype=np.float64)
+    return {"n": float(x.size), "mean": float(x.mean()), "std": float(x.std()),
+            "min": float(x.min()), "max": float(x.max())}
 
 
 def _as_array(val_scores: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:

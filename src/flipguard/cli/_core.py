@@ -11,7 +11,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from flipguard.cli._common import cli_errors, console, print_json
-from flipguard.study.detector import DETECTOR_DEFAULTS
+from flipguard.study.detector import (
+    DETECTOR_DEFAULTS,
+    check_options,
+    detector_options,
+    evaluate_run,
+    train_detector,
+)
+from flipguard.threshold import check_threshold_args
 
 METRIC_KEYS = (
     "image_auroc",
@@ -170,17 +177,15 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
     """Train a CAE anomaly detector, calibrate its threshold on normal data, evaluate it."""
-    from flipguard.study.detector import check_options, train_detector
-    from flipguard.threshold import check_threshold_args
-
     method = threshold or ("quantile" if quantile is not None else "auto")
     q = 0.99 if quantile is None else quantile
-    model = {"width": width, "latent_dim": latent, "bottleneck": bottleneck,
-             "latent_stride": latent_stride}
-    train_opts = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "loss": loss,
-                  "inpaint": inpaint, "crop": crop, "augment": augment, "seed": seed}
-    score = {"map": score_map, "smooth_sigma": smooth, "reduce": reduce,
-             "standardize": standardize}
+    o = detector_options(width=width, latent=latent, bottleneck=bottleneck,
+                         latent_stride=latent_stride, epochs=epochs, batch_size=batch_size,
+                         lr=lr, loss=loss, inpaint=inpaint, crop=crop, map=score_map,
+                         smooth=smooth, standardize=standardize)
+    model = o["model"]
+    train_opts = {**o["train"], "augment": augment, "seed": seed}
+    score = {**o["score"], "reduce": reduce}
     # one line, before anything is read or trained
     check_threshold_args(method, fpr, q, 3.0)
     check_options(size, resize, model, train_opts, score, val_fraction)
@@ -215,8 +220,6 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
     """Evaluate a trained run: image/pixel AUROC, AUPRO, F1, accuracy at the threshold."""
-    from flipguard.study.detector import evaluate_run
-
     with make_progress() as bar:
         metrics = evaluate_run(run, data=data, progress=StageBars(bar))
     if json_out:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from flipguard.data import load_mvtec, split_validation
@@ -39,6 +38,7 @@ from flipguard.threshold import (
     calibrate_threshold,
     check_threshold_args,
     resolve_auto,
+    score_stats,
 )
 from flipguard.train import TrainConfig, train_model
 
@@ -175,7 +175,7 @@ def train_detector(
                        if threshold_method == "auto" else threshold_method),
             quantile=threshold_quantile,
             k=threshold_k,
-            val_stats=_stats(val_scores),
+            val_stats=score_stats(val_scores),
         ),
     )
     save_run(out, config, net)
@@ -268,14 +268,3 @@ def _min_val_fraction(n: int, val_fraction: float, method: str) -> float:
     if method not in ("tail", "auto") or enough or n < 2 * MIN_TAIL_SCORES:
         return val_fraction
     return (MIN_TAIL_SCORES + 0.25) / n  # round(n * f) == MIN_TAIL_SCORES
-
-
-def _stats(x: np.ndarray) -> dict[str, float]:
-    x = np.asarray(x, dtype=np.float64)
-    return {
-        "n": float(x.size),
-        "mean": float(x.mean()),
-        "std": float(x.std()),
-        "min": float(x.min()),
-        "max": float(x.max()),
-    }

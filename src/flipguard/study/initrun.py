@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -47,11 +47,17 @@ from flipguard.study.rundir import (
     save_run,
 )
 from flipguard.study.trust import sign
-from flipguard.threshold import calibrate_threshold, check_threshold_args, resolve_auto
+from flipguard.threshold import (
+    calibrate_threshold,
+    check_threshold_args,
+    resolve_auto,
+    score_stats,
+)
 
 __all__ = ["TASKS", "InitOptions", "init_run", "task_metrics"]
 
-TASKS = ("detection", "classification", "tolerance")
+TASKS: tuple[str, ...] = get_args(TaskSection.model_fields["kind"].annotation)
+"""What "correct" can mean (the values of ``task.kind``)."""
 
 
 @dataclass(frozen=True)
@@ -93,11 +99,9 @@ def _spec(spec: str) -> str:
 
 def _dataset(data: Path, opts: InitOptions) -> tuple[Any, DataSection]:
     if data.suffix.lower() in TENSOR_SUFFIXES:
-        ds = load_tensor_dataset(data, need_labels=opts.task != "tolerance")
-        return ds.split(), DataSection(path=str(data.resolve()), format="tensors",
-                                       size=int(ds.inputs.shape[-1]),
-                                       channels=int(ds.inputs.shape[1])
-                                       if ds.inputs.dim() > 2 else 1)
+        split = load_tensor_dataset(data, need_labels=opts.task != "tolerance").split()
+        return split, DataSection(path=str(data.resolve()), format="tensors", size=split.size,
+                                  channels=split.channels)
     ds = load_mvtec(data, category=opts.category, size=opts.size, channels=opts.channels,
                     resize=opts.resize)
     return ds, DataSection(path=str(data.resolve()), category=opts.category, size=opts.size,
@@ -158,9 +162,7 @@ def _detector(net: torch.nn.Module, ds: Any, opts: InitOptions, spec: str
     thr = calibrate_threshold(val, method="auto", fpr=opts.fpr)
     th = ThresholdSection(value=float(thr), method="auto", fpr=opts.fpr,
                           rule_used=resolve_auto(len(val), opts.fpr),
-                          val_stats={"n": float(val.size), "mean": float(val.mean()),
-                                     "std": float(val.std()), "min": float(val.min()),
-                                     "max": float(val.max())})
+                          val_stats=score_stats(val))
     metrics = evaluate_detector(net, scorer, float(thr), ds.test, ds.test_labels,
                                 ds.test_masks)
     metrics.update(task="detection", val_images=int(val.size),
