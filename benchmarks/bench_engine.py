@@ -4,7 +4,10 @@ The same uniformly sampled FP32 weight bit flips (uniform over all weight bits o
 Conv2d/ConvTranspose2d layers) are evaluated over the same images by
 (a) PyTorchFI (``declare_weight_fi`` per fault: deepcopy + flip, then full forwards),
 (b) naive in-place flip + full forward, (b') the same inside ``heap_reuse()`` (the glibc
-setting flipguard uses, to separate its effect), (c) ``flipguard.inject.Engine``.
+setting flipguard uses, to separate its effect), (c) ``flipguard.inject.Engine``, (d) the
+engine with certification (``Engine(certify=True)``: images whose decision is proven
+unchanged are not simulated; the set-up of its certificates is timed apart). Phases (a)-(c)
+must report identical outcomes, (d) identical decisions.
 Each phase runs in its own subprocess (peak memory = its VmHWM); all phases must report
 identical outcomes. The *bound* for exact evaluation is the forward FLOPs from the faulty
 layer on (MACs counted analytically per conv layer), averaged over the faults, as a share of
@@ -45,7 +48,9 @@ from flipguard.inject.outcomes import Golden, Outcome  # noqa: E402
 from flipguard.models import CAEConfig, build_cae  # noqa: E402
 
 CONV = (nn.Conv2d, nn.ConvTranspose2d)
-PHASES = ("pytorchfi", "naive", "naive-heap", "flipguard")
+PHASES = ("pytorchfi", "naive", "naive-heap", "flipguard", "certify")
+DECISION_KEYS = ("flips_to_anomalous", "flips_to_normal", "accuracy", "f1", "mismatches",
+                 "nonfinite_outputs", "nonfinite_scores")
 
 
 def setup(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, DetectionTask]:
@@ -57,7 +62,8 @@ def setup(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, DetectionT
         ds = run.load_data()
         n = min(args.images, ds.test.shape[0])
         return run.model.eval(), ds.test[:n].contiguous(), DetectionTask(
-            run.scorer.scores, run.threshold, ds.test_labels[:n])
+            run.scorer.scores, run.threshold, ds.test_labels[:n],
+            score_interval=run.scorer.score_interval)
     model = build_cae(CAEConfig(input_size=args.size, seed=args.seed)).eval()
     g = torch.Generator().manual_seed(args.seed)
     coarse = torch.rand(args.images, 1, args.size // 8, args.size // 8, generator=g)
@@ -73,7 +79,8 @@ def setup(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, DetectionT
                                           model(x[a : a + args.batch_size]))
                             for a in range(0, args.images, args.batch_size)])
     thr = float(np.quantile(scores.double().numpy(), 0.9))
-    return model, x.contiguous(), DetectionTask(scorer.scores, thr, labels)
+    return model, x.contiguous(), DetectionTask(scorer.scores, thr, labels,
+                                                score_interval=scorer.score_interval)
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -206,14 +213,31 @@ def phase(args: argparse.Namespace) -> dict[str, Any]:
             recs, golden, secs = _loop(lambda f: _naive(model, f), model, x, task, faults, bs)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            eng = Engine(model, x, task, batch_size=bs,
-                         fault_batch=args.fault_batch, cache_dir=tmp)
+            eng = Engine(model, x, task, batch_size=bs, fault_batch=args.fault_batch,
+                         cache_dir=tmp, certify=args.phase == "certify").prepare()
+            cert_s = 0.0
+            if eng.certifier is not None:  # certificates of every layer, timed apart
+                t2 = _clock()
+                for name, _ in conv_layers(model):
+                    eng.certifier.certificate(name)
+                cert_s = _since(t2)[0]
             t1 = _clock()
             recs = [o.to_dict() for o in eng.run(faults)]
             secs, golden = _since(t1), eng.golden
     setup_s = _since(t0)[0] - secs[0]
-    return {"phase": args.phase, "wall": secs[0], "cpu": secs[1], "setup_s": setup_s,
-            "records": recs, "golden": golden.to_dict(), "vmhwm_mb": _vmhwm_mb()}
+    out = {"phase": args.phase, "wall": secs[0], "cpu": secs[1], "setup_s": setup_s,
+           "records": recs, "golden": golden.to_dict(), "vmhwm_mb": _vmhwm_mb()}
+    if args.phase == "certify":
+        out["certify_s"] = cert_s
+        out["certified_images"] = sum(r["n_certified"] for r in recs) / max(1, len(recs))
+    return out
+
+
+def _same(a: dict[str, Any], b: dict[str, Any], decisions: bool) -> bool:
+    """Identical outcomes, or with ``decisions`` identical decision fields."""
+    if not decisions:
+        return a == b
+    return all(a.get(k) == b.get(k) for k in DECISION_KEYS)
 
 
 def _vmhwm_mb() -> float:
@@ -296,11 +320,17 @@ def main(argv: list[str] | None = None) -> None:
           "peak RSS MB | speed-up vs PyTorchFI (wall / CPU) | identical outcomes |")
     print("|---|---|---|---|---|---|---|---|")
     for ph, r in res.items():
-        same = sum(a == b for a, b in zip(r["records"], ref["records"], strict=True))
+        same = sum(_same(a, b, ph == "certify")
+                   for a, b in zip(r["records"], ref["records"], strict=True))
         print(f"| {ph} | {r['setup_s']:.1f} | {1000 * r['wall'] / args.faults:.0f} | "
               f"{1000 * r['cpu'] / args.faults:.0f} | {args.faults / r['wall']:.2f} | "
               f"{r['vmhwm_mb']:.0f} | {ref['wall'] / r['wall']:.2f}x / "
               f"{ref['cpu'] / r['cpu']:.2f}x | {100 * same / args.faults:.1f} % |")
+    if "certify" in res:
+        c = res["certify"]
+        print(f"\ncertify: certificates of all layers {c['certify_s']:.1f} s (in set-up); "
+              f"{c['certified_images']:.1f} of {x.shape[0]} images per fault certified "
+              f"(not simulated); the last column compares decisions")
     crit, golden = parse_criterion(None), Golden.from_dict(ref["golden"])
     classes = Counter(crit.classify(Outcome.from_dict(d), golden) for d in ref["records"])
     print(f"\nclasses under {crit.text}: {dict(sorted(classes.items()))}")

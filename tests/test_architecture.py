@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "flipguard"
 # own package (same-layer imports between packages are listed explicitly in ALLOWED)
 LAYERS = {
     "errors": 0, "fileio": 0, "fingerprint": 0, "layers": 0, "metrics": 0, "ssim": 0,
+    "intervals": 0,
     "threshold": 0, "flipguard": 0, "mapselect": 3,
     "data": 1, "models": 1, "faults": 1,
     "detect": 2, "train": 2, "inject": 2,

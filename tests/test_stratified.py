@@ -213,6 +213,19 @@ def test_stratified_campaign_end_to_end(tmp_path):
         assert store.get_meta("closed") == ["weight:encoder.0"]
         first = [(pf.stratum, pf.k, pf.fault) for pf in store.planned() if pf.round == 0]
         records = classify_store(store, CRIT)
+        calib = store.get_meta("calibration")
+    audit: dict[str, list[int]] = {}  # the class rates allocation planned with: the audit
+    for pf, cls in records:
+        if pf.round == 0:
+            v = audit.setdefault(pf.stratum.rsplit("crit=", 1)[1], [0, 0])
+            v[0] += 1
+            v[1] += cls in CRITICAL
+    labels = ("harmless", "low", "borderline", "critical", "extreme")
+    assert calib and {labels[int(h)] for h in audit} == set(calib)
+    for h, (n, k) in audit.items():
+        c = calib[labels[int(h)]]
+        assert (c["audited"], c["critical"]) == (n, k)
+        assert c["rate"] == pytest.approx((k + 0.5) / (n + 1))
     cfg = PlanConfig(strata="layer", error=0.05, confidence=0.95, layers=("encoder.0",),
                      sampling="stratified")
     factory = RunEngineFactory(str(run), images=6)

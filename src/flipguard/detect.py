@@ -11,8 +11,10 @@ the batch are unaffected.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -22,6 +24,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from flipguard.errors import ConfigError
+from flipguard.intervals import blur_interval, msgms_interval, square, ssim_interval
 from flipguard.metrics import (
     MetricError,
     aupro,
@@ -108,6 +111,10 @@ class Scorer:
 
     def _standardize(self, m: torch.Tensor) -> torch.Tensor:
         """``(map - mean) / std`` with the G x G statistics bilinearly resized to the map."""
+        mu, sd = self._standardize_stats(m)
+        return (m - mu) / sd
+
+    def _standardize_stats(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = m.shape[-2:]
         key = (h, w, str(m.device))
         if key not in self._stats:
@@ -115,8 +122,7 @@ class Scorer:
             up = F.interpolate(grids[:, None], size=(h, w), mode="bilinear",
                                align_corners=False)
             self._stats[key] = (up[0:1, 0:1].to(m.device), up[1:2, 0:1].to(m.device))
-        mu, sd = self._stats[key]
-        return (m - mu) / sd
+        return self._stats[key]
 
     def __repr__(self) -> str:
         return f"Scorer({self.cfg!r})"
@@ -160,6 +166,36 @@ class Scorer:
         """Image scores (N,) from maps; NaN propagates (``amax``/``mean`` keep NaN)."""
         flat = maps.flatten(1)
         return flat.amax(dim=1) if self.cfg.reduce == "max" else flat.mean(dim=1)
+
+    def score_interval(self, inputs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image interval ``(low, high)`` holding the score of every reconstruction
+        between ``lo`` and ``hi`` (elementwise), in float64 real arithmetic
+        (:mod:`flipguard.intervals`); used to certify faults.
+
+        Example:
+            >>> s = Scorer(ScoreConfig(map="l2", smooth_sigma=0.0))
+            >>> x = torch.zeros(1, 1, 4, 4)
+            >>> [round(v.item(), 4) for v in s.score_interval(x, x - 0.1, x + 0.1)]
+            [0.0, 0.01]
+        """
+        c = self.cfg
+        x, lo, hi = (t.to(torch.float64) for t in (inputs, lo, hi))
+        if c.map == "l2":
+            d_lo, d_hi = square(x - hi, x - lo)
+            m_lo, m_hi = d_lo.mean(1, keepdim=True), d_hi.mean(1, keepdim=True)
+        else:
+            fn = msgms_interval if c.map == "msgms" else \
+                partial(ssim_interval, window_size=c.ssim_window, sigma=c.ssim_sigma)
+            s_lo, s_hi = fn(x, lo, hi)
+            m_lo, m_hi = 1.0 - s_hi, 1.0 - s_lo
+        if c.smooth_sigma > 0:
+            size = 2 * math.ceil(4.0 * c.smooth_sigma) + 1
+            m_lo, m_hi = blur_interval(m_lo, m_hi, size, c.smooth_sigma)
+        if c.standardize:
+            mu, sd = (t.to(torch.float64) for t in self._standardize_stats(m_lo))
+            m_lo, m_hi = (m_lo - mu) / sd, (m_hi - mu) / sd
+        return self.reduce(m_lo), self.reduce(m_hi)
 
     def scores(self, inputs: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Image anomaly scores (N,), float32 on ``recon``'s device."""

@@ -1,7 +1,8 @@
 """Criticality-stratified sampling as a plan type of campaigns: every planned stratum is
 split into sub-strata by a predictor's class (keys ``<stratum>:crit=<class>``); round 0 audits
 each with ``min(N_h, AUDIT)`` faults, round 1 draws the allocation planned from the audit among
-the other faults, and further rounds (:func:`refine_stratified`) top up and end with a
+the other faults (planned with class rates calibrated on the audit of every stratum,
+:func:`calibrated_priors`; the store's meta ``calibration`` records them), and further rounds (:func:`refine_stratified`) top up and end with a
 closing round (:func:`flipguard.campaign.topup.plan_round`; the store's meta ``closed``
 lists the strata that had theirs). The CFR of the rounds is estimated without bias across
 them (:mod:`flipguard.campaign.sequential`, :func:`substrata_estimate`).
@@ -38,8 +39,8 @@ from flipguard.errors import ConfigError
 from flipguard.faults import Fault
 from flipguard.inject import CRITICAL
 
-__all__ = ["AUDIT", "StratifiedPlan", "history", "refine_stratified", "stratify_plan",
-           "substrata_estimate"]
+__all__ = ["AUDIT", "StratifiedPlan", "calibrated_priors", "history", "refine_stratified",
+           "stratify_plan", "substrata_estimate"]
 
 AUDIT = 30
 """Faults audited in every sub-stratum in round 0 (all of them when fewer)."""
@@ -162,6 +163,28 @@ def history(N: int, by_round: dict[int, Any], prior: float = 0.0,
                    tuple(b for _, _, b in later), k_all / n_all if n_all else 0.5, float(prior))
 
 
+def calibrated_priors(subs: Sequence[PlannedStratum], obs: dict[str, dict[int, list[int]]]
+                      ) -> dict[int, tuple[float, int, int]]:
+    """Per predicted class: ``(rate, n, k)`` with the rate the class's audit pooled over
+    every stratum, ``(k + 1/2) / (n + 1)`` (Jeffreys), or the class prior where nothing of
+    the class was audited. Allocation plans with these instead of the fixed class priors
+    (the estimates never depend on them).
+
+    >>> s = [PlannedStratum("a:crit=4", "a", "weight", None, None, None, 100, 100, 30, 0.95,
+    ...                     crit=4, parent="a")]
+    >>> calibrated_priors(s, {"a:crit=4": {0: [30, 0]}})
+    {4: (0.016129032258064516, 30, 0)}
+    """
+    pooled: dict[int, list[int]] = {}
+    for sub in subs:
+        n0, k0 = obs.get(sub.key, {}).get(0, [0, 0])
+        v = pooled.setdefault(int(sub.crit), [0, 0])
+        v[0] += n0
+        v[1] += k0
+    return {h: ((k + 0.5) / (n + 1.0) if n else CLASS_PRIORS[h], n, k)
+            for h, (n, k) in sorted(pooled.items())}
+
+
 def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
                       max_rounds: int = 3) -> int:
     """Next round of a stratified campaign: round 1 draws the allocation planned from the
@@ -179,10 +202,12 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
     groups: dict[str, list[PlannedStratum]] = {}
     for s in plan.strata:
         groups.setdefault(s.parent, []).append(s)
+    calib = calibrated_priors(plan.strata, obs)
     for parent, subs in groups.items():
         if parent in closed:
             continue
         hists = [history(s.N, obs.get(s.key, {}), s.p) for s in subs]
+        priors = [calib[int(s.crit)][0] for s in subs]
         N = np.array([h.N for h in hists])
         n0, k0 = np.array([h.n0 for h in hists]), np.array([h.k0 for h in hists])
         n, k = np.array([sum(h.n) for h in hists]), np.array([sum(h.k) for h in hists])
@@ -190,10 +215,10 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
             closed.add(parent)
             continue
         if rounds == 0:  # the allocation round, planned from the audit
-            more = allocate(N, plan_rates(n0, k0, [s.p for s in subs]), config.error,
+            more = allocate(N, plan_rates(n0, k0, priors), config.error,
                             config.confidence, AUDIT, None, n0)
         else:
-            more, closing = plan_round(hists, plan_rates(n0 + n, k0 + k, [s.p for s in subs]),
+            more, closing = plan_round(hists, plan_rates(n0 + n, k0 + k, priors),
                                        config.error, config.confidence,
                                        last=rounds + 1 > max_rounds)
             if closing:
@@ -203,7 +228,12 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
                 drawn = plan.draw(s, m, rounds + 1, done_k.get(s.key, ()))
                 new += [PlannedFault(start + len(new) + i, s.key, kk, f, kern, rounds + 1)
                         for i, (kk, f, kern) in enumerate(drawn)]
-    meta = {"rounds": rounds + 1, "closed": sorted(closed)} if new else {"closed": sorted(closed)}
+    labels = predictor_labels(predictor)
+    meta: dict[str, Any] = {"closed": sorted(closed), "calibration": {
+        labels[h]: {"prior": CLASS_PRIORS[h], "audited": n, "critical": k, "rate": p}
+        for h, (p, n, k) in calib.items()}}
+    if new:
+        meta["rounds"] = rounds + 1
     store.add_planned(new, meta=meta)
     return len(new)
 

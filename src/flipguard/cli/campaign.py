@@ -93,10 +93,13 @@ class RunOptions:
                           "observed p (iterative refinement; always on for --sampling "
                           "stratified).")
     chunk: int = option(32, "--chunk", min=1, help="Faults per engine batch.")
+    certify: bool = option(False, "--certify", help="Do not simulate weight/bias faults "
+                           "proven to change no decision (sound bounds; decision criteria "
+                           "only).")
 
     def options(self) -> sc.CampaignOptions:
         return sc.CampaignOptions(self.images, self.workers, self.ray, self.limit, self.fresh,
-                                  self.refine, self.chunk)
+                                  self.refine, self.chunk, certify=self.certify)
 
 
 def _fmt_s(seconds: float | None) -> str:

@@ -2,7 +2,7 @@
 
 It exercises every landed capability on the built-in synthetic dataset in a few minutes on
 2 CPU cores, through the same CLI verbs a user types: synth → train → evaluate → campaign plan
-and run → cfr per layer and per bit → harden → resiliency accuracy → report → SFI validated
+and run → cfr per layer and per bit → the same campaign with certified outcomes → harden → resiliency accuracy → report → SFI validated
 against exhaustive injection of the first layer → a user's own model as a run (``init``) →
 a two-object study with cross-object figures → a small architecture search.
 """
@@ -10,6 +10,7 @@ a two-object study with cross-object figures → a small architecture search.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ def run_demo(
     """Run the demo into ``out``; returns a summary of where results are."""
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
-    steps = ["synth", "train", "evaluate", "campaign", "cfr", "harden", "ra", "report",
-             "validate", "init", "study", "nas"]
+    steps = ["synth", "train", "evaluate", "campaign", "cfr", "certify", "harden", "ra",
+             "report", "validate", "init", "study", "nas"]
     has_ra = importlib.util.find_spec("flipguard.cli.ra") is not None
     if not has_ra:
         steps.remove("ra")
@@ -65,6 +66,14 @@ def run_demo(
     step("cfr", "critical failure rate per layer and per bit")
     _cli("cfr", run_dir, "--by", "layer")
     _cli("cfr", run_dir, "--by", "bit")
+    step("certify", "the same campaign with certification: faults' images whose decision is "
+         "proven unchanged are not simulated; the same CFR")
+    cert_dir = out / "run-certified"
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pt", "config.json", "metrics.json"):
+        shutil.copy2(run_dir / name, cert_dir / name)
+    _cli("campaign", "run", cert_dir, *opts, "--certify")
+    _cli("cfr", cert_dir, "--by", "network")
     step("harden", "selective hardening under a 3 % memory budget, paired re-injection")
     _cli("harden", run_dir, "--budget", 0.03)
     if has_ra:
@@ -102,6 +111,7 @@ def run_demo(
         "dataset": str(data_dir),
         "run": str(run_dir),
         "campaign store": str(run_dir / "campaign.sqlite"),
+        "certified campaign": str(cert_dir / "campaign.sqlite"),
         "report": str(run_dir / "report.html"),
         "validation": str(run_dir / "validate" / "encoder.0.png"),
         "your model": str(user_run),

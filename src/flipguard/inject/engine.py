@@ -31,6 +31,7 @@ from flipguard.errors import ConfigError
 from flipguard.faults import Fault, NumberFormat, fault_to_dict, get_format
 from flipguard.inject.cache import GoldenCache
 from flipguard.inject.cache import heap_reuse as reuse_heap
+from flipguard.inject.certify import Certifier
 from flipguard.inject.graph import Pipeline, Program, Rows, pad_rows, same_rows, trace
 from flipguard.inject.injector import (
     activation_fault,
@@ -56,6 +57,7 @@ class _Item:
     fault: Fault
     pos: int  # graph position of the layer; -1: full forward
     slot: int = 0  # row in the pass arrays
+    certified: np.ndarray | None = None  # images whose decision is proven (not simulated)
 
 
 class Engine:
@@ -71,8 +73,11 @@ class Engine:
     ``heap_reuse``: let glibc keep freed activation buffers during the golden run and
     ``run`` (see :func:`~flipguard.inject.cache.heap_reuse`). ``channel_blocks``: compute
     only the faulty output-channel block of Conv/ConvT/Linear layers where a probe proves it
-    bit-identical ("auto": where also faster, "always", "never"). ``golden`` holds the golden
-    facts; ``strategy_used`` / ``fallback_reason`` say how faults are evaluated.
+    bit-identical ("auto": where also faster, "always", "never"). ``certify``: weight/bias
+    faults a :class:`~flipguard.inject.certify.Certifier` proves harmless to every decision
+    are not simulated, and other faults only on the images it cannot certify
+    (``Outcome.n_certified``). ``golden`` holds the golden facts;
+    ``strategy_used`` / ``fallback_reason`` say how faults are evaluated.
 
     Example:
         >>> eng = Engine(model, x, ClassificationTask(y), batch_size=32)  # doctest: +SKIP
@@ -84,7 +89,8 @@ class Engine:
                  cache_budget_bytes: int = 2**31, cache_dir: str | Path | None = None,
                  fault_batch: int = 8, early_stop: str | Criterion | None = None,
                  layers: Sequence[str] | None = None, strategy: str = "auto",
-                 heap_reuse: bool = True, channel_blocks: str = "auto") -> None:
+                 heap_reuse: bool = True, channel_blocks: str = "auto",
+                 certify: bool = False) -> None:
         if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
             raise ConfigError("inputs: expected a tensor (N, ...) with at least one sample")
         if not isinstance(task, Task):
@@ -120,6 +126,7 @@ class Engine:
         self._block: dict[str, int] = {}  # layer -> output-channel block size (0: full)
         self._stop_stats: dict[int, list[int]] = {}
         self._was_training, self._golden = was_training, None
+        self._certify, self.certifier = bool(certify), None
         self.model.train(was_training)
 
     def prepare(self) -> Engine:
@@ -145,6 +152,8 @@ class Engine:
                 bad = np.flatnonzero(self.golden_nonfinite)
                 raise ConfigError(f"model: the fault-free output is non-finite (NaN/Inf) for "
                                   f"{bad.size} of {self.n} inputs (first: input {bad[0]})")
+            if self._certify:
+                self.certifier = Certifier(self)
         return self
 
     @property
@@ -268,13 +277,13 @@ class Engine:
                     if not isinstance(f, Fault):
                         raise ConfigError(f"faults[{i}]: expected a Fault, got "
                                           f"{type(f).__name__}")
-                    pre = self._precheck(f)
+                    pre, mask = self._precheck(f)
                     if pre is not None:
                         results[i] = pre
                     else:
                         graph = self.program is not None and f.layer in self.cuts
                         pos = self.program.calls[f.layer] if graph else -1  # type: ignore
-                        todo.append(_Item(i, f, pos))
+                        todo.append(_Item(i, f, pos, certified=mask if graph else None))
                 todo.sort(key=lambda it: (it.pos < 0, it.pos, it.index))
                 done = len(faults) - len(todo)
                 for s in range(0, len(todo), self.fault_batch):
@@ -290,22 +299,30 @@ class Engine:
             self.model.train(was_training)
         return [r for r in results if r is not None]
 
-    def _precheck(self, f: Fault) -> Outcome | None:
-        """Exact early exits: stuck-at no-ops and faults leaving the stored value unchanged."""
+    def _precheck(self, f: Fault) -> tuple[Outcome | None, np.ndarray | None]:
+        """Exact early exits (stuck-at no-ops, faults leaving the stored value unchanged,
+        faults certified on every image); else the mask of certified images (or None)."""
         if f.bits[-1] >= self.fmt.bits:
             raise ConfigError(f"bits: expected 0..{self.fmt.bits - 1} for {self.fmt.name}, "
                               f"got {f.bits[-1]}")
         if f.target == "activation":
             module_of(self.model, f.layer)  # raises for an unknown layer
-            return None
+            return None, None
         if self.fmt.name != "fp32" and (f.layer, f.target) not in self.formats:
             raise ConfigError(f"layer: {f.layer}.{f.target} is not stored in {self.fmt.name} "
                               f"by this engine; list it in Engine(layers=...)")
         old, new, noop = faulty_value(self.model, f, self._format(f))
         if noop or bool(same_rows(old.reshape(1, 1), new.reshape(1, 1))[0]):
             return Outcome(**{**self._masked_fields, "noop": noop, "masked": True,
-                              "n_images": 0})
-        return None
+                              "n_images": 0}), None
+        mask = None
+        if self.certifier is not None:
+            with torch.no_grad():
+                mask = self.certifier.image_mask(f, old, new)
+            if mask is not None and bool(mask.all()):
+                return Outcome(**{**self._masked_fields, "masked": False, "n_images": 0,
+                                  "n_certified": self.n}), None
+        return None, mask if mask is not None and bool(mask.any()) else None
 
     def _format(self, f: Fault) -> NumberFormat:
         if f.target == "activation":
@@ -348,32 +365,39 @@ class Engine:
 
         pipe = self._pipeline(report)
         active = list(items)
+        certified = np.zeros(k, dtype=np.int64)
         for a in range(0, n, bs):
             b = min(a + bs, n)
             self._chunk(pipe, active, a, b)
-            evaluated[[it.slot for it in active]] += b - a
+            for it in active:
+                c = 0 if it.certified is None else int(it.certified[a:b].sum())
+                evaluated[it.slot] += b - a - c
+                certified[it.slot] += c
             if self.early_stop is not None and b < n:
                 pipe.flush()
                 remaining = np.zeros(n, dtype=bool)
                 remaining[b:] = True
                 active = [it for it in active if not self.early_stop.certain(
-                    self._outcome(it.slot, facts, changed, nonfin, evaluated), self.golden,
+                    self._outcome(it.slot, facts, changed, nonfin, evaluated, certified),
+                    self.golden,
                     remaining, facts[it.slot])]
             if not active:
                 break
         pipe.flush()
-        return [self._outcome(it.slot, facts, changed, nonfin, evaluated) for it in items]
+        return [self._outcome(it.slot, facts, changed, nonfin, evaluated, certified)
+                for it in items]
 
     def _outcome(self, s: int, facts: np.ndarray, changed: np.ndarray, nonfin: np.ndarray,
-                 evaluated: np.ndarray) -> Outcome:
-        n_changed = int(changed[s].sum())
+                 evaluated: np.ndarray, certified: np.ndarray) -> Outcome:
+        n_changed, n_cert = int(changed[s].sum()), int(certified[s])
+        stopped = bool(evaluated[s] + n_cert < self.n)
         if n_changed == 0:
-            return Outcome(**{**self._masked_fields, "masked": True,
-                              "n_images": int(evaluated[s]),
-                              "early_stopped": bool(evaluated[s] < self.n)})
+            return Outcome(**{**self._masked_fields, "masked": n_cert == 0,
+                              "n_images": int(evaluated[s]), "n_certified": n_cert,
+                              "early_stopped": stopped})
         fields = self.task.outcome_fields(facts[s], self.golden)
         return Outcome(noop=False, masked=False, n_images=int(evaluated[s]), n_changed=n_changed,
-                       early_stopped=bool(evaluated[s] < self.n),
+                       n_certified=n_cert, early_stopped=stopped,
                        nonfinite_outputs=bool((nonfin[s] & ~self.golden_nonfinite).any()),
                        **fields)
 
@@ -402,6 +426,8 @@ class Engine:
             for it in group:
                 out, sl = self._faulty_layer(it.fault, node, env, gold)
                 keep = ~same_rows(out[:r, sl], gold[:r, sl])
+                if it.certified is not None:
+                    keep &= ~torch.as_tensor(it.certified[a:b], device=keep.device)
                 if not bool(keep.any()):
                     continue
                 vals = {v: out[:r] if v is node else

@@ -44,6 +44,9 @@ class Outcome:
     Classification: ``mismatches`` (top-1 changes vs golden) and top-1 ``accuracy``.
     With ``early_stopped`` only ``n_images`` images were run and the metrics count the others
     with their golden results (this keeps the early-stop criterion's verdict).
+    ``n_certified``: images not simulated because their decision provably stays golden
+    (:mod:`flipguard.inject.certify`); decision metrics stay exact, ``max_abs_dscore`` and
+    ``auroc`` then cover the simulated images only. ``certified``: every image certified.
 
     >>> Outcome.from_dict(Outcome(masked=True).to_dict()).masked
     True
@@ -52,6 +55,7 @@ class Outcome:
     noop: bool = False
     masked: bool = False
     n_images: int = 0
+    n_certified: int = 0
     n_changed: int = 0
     early_stopped: bool = False
     nonfinite_outputs: bool = False
@@ -63,6 +67,11 @@ class Outcome:
     auroc: float | None = None
     max_abs_dscore: float | None = None
     mismatches: int | None = None
+
+    @property
+    def certified(self) -> bool:
+        """No image was simulated: every decision is proven golden."""
+        return self.n_certified > 0 and self.n_images == 0
 
     @property
     def nonfinite(self) -> bool:
@@ -153,6 +162,9 @@ class Criterion:
 
     name = ""
     takes_value = True
+    by_decisions = True
+    """False: the criterion also depends on scores, so outcomes with certified (not
+    simulated) images cannot be judged by it."""
 
     def __init__(self, delta: float = 0.0) -> None:
         self.delta = float(delta)
@@ -172,12 +184,20 @@ class Criterion:
         """True when the criterion is met (always for non-finite outputs/scores)."""
         if outcome.noop or outcome.masked:
             return False
+        self._check_certified(outcome)
         return outcome.nonfinite or self._metric_critical(outcome, golden)
+
+    def _check_certified(self, outcome: Outcome) -> None:
+        if outcome.n_certified and not self.by_decisions:
+            raise ConfigError(f"criterion: {self.text} depends on scores, but some images of "
+                              f"certified faults were not simulated (only their decisions are "
+                              f"proven); use a decision criterion or run without --certify")
 
     def classify(self, outcome: Outcome, golden: Golden) -> str:
         """"masked" | "non-finite" | "sdc-critical" | "sdc-benign"."""
         if outcome.noop or outcome.masked:
             return "masked"
+        self._check_certified(outcome)
         if outcome.nonfinite:
             return "non-finite"
         return "sdc-critical" if self._metric_critical(outcome, golden) else "sdc-benign"
@@ -225,6 +245,7 @@ class _AnyFlip(Criterion):
 
 class _AurocDrop(Criterion):
     name = "auroc-drop"
+    by_decisions = False
 
     def _metric_critical(self, o: Outcome, g: Golden) -> bool:
         if o.auroc is None or g.auroc is None:

@@ -69,6 +69,9 @@ class DetectionTask(Task):
     higher = more anomalous, e.g. ``run.scorer.scores``), ``score > threshold`` or a
     non-finite score => anomalous, ``labels`` 1 = anomalous. ``score_fn`` must give each
     image's score from that image alone (batch-size invariant), as the Scorer does.
+    ``score_interval(inputs, lo, hi) -> (low, high)``: optional sound bounds of the scores
+    of all outputs between ``lo`` and ``hi`` (e.g. ``Scorer.score_interval``); faults can
+    only be certified with it (:mod:`flipguard.inject.certify`).
 
     >>> task = DetectionTask(lambda x, y: (x - y).abs().flatten(1).amax(1), 0.5, [0, 1])
     >>> task.image_facts(torch.zeros(2, 1, 2, 2), torch.eye(2).expand(2, 1, 2, 2)).tolist()
@@ -78,10 +81,16 @@ class DetectionTask(Task):
     kind = "detection"
 
     def __init__(self, score_fn: ScoreFn, threshold: float,
-                 labels: Sequence[int] | np.ndarray | Tensor) -> None:
+                 labels: Sequence[int] | np.ndarray | Tensor,
+                 score_interval: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+                 | None = None) -> None:
         if not callable(score_fn):
             raise ConfigError("score_fn: expected a callable (inputs, outputs) -> scores")
+        if score_interval is not None and not callable(score_interval):
+            raise ConfigError("score_interval: expected a callable (inputs, lo, hi) -> "
+                              "(low scores, high scores)")
         self.score_fn, self.threshold, self.labels = score_fn, float(threshold), _labels(labels)
+        self.score_interval = score_interval
 
     def image_facts(self, inputs: Tensor, outputs: Tensor) -> Tensor:
         s = self.score_fn(inputs, outputs)

@@ -48,7 +48,8 @@ __all__ = ["CampaignOptions", "CampaignEvents", "PlanSummary", "RunSummary", "St
 class CampaignOptions:
     """How to run a campaign: evaluated ``images``, ``workers`` / ``ray`` backend, at most
     ``limit`` faults, ``fresh`` store, ``refine`` rounds (always for stratified plans),
-    ``chunk`` faults per engine batch, ``probe`` faults timed first."""
+    ``chunk`` faults per engine batch, ``probe`` faults timed first, ``certify`` (skip
+    the simulation of faults proven to change no decision)."""
 
     images: int | None = None
     workers: int = 1
@@ -58,6 +59,7 @@ class CampaignOptions:
     refine: bool = False
     chunk: int = 32
     probe: int = 4
+    certify: bool = False
 
 
 @dataclass
@@ -176,7 +178,7 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
     ev = events or CampaignEvents()
     if opts.ray:
         require_ray()  # before the store is created and the probe runs
-    factory = RunEngineFactory(str(run), images=opts.images, fmt=cfg.fmt)
+    factory = RunEngineFactory(str(run), images=opts.images, fmt=cfg.fmt, certify=opts.certify)
     predictor = predictor_for(factory, cfg)
     stratified = sampling_type(cfg.sampling).needs_predictor
     with open_campaign(run, cfg, factory, fresh=opts.fresh, predictor=predictor) as store:

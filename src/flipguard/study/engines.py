@@ -46,7 +46,8 @@ def task_for(run: Run, labels: np.ndarray) -> Task:
         return ClassificationTask(labels)
     if t.kind == "tolerance":
         return ToleranceTask(len(labels), atol=t.atol, rtol=t.rtol)
-    return DetectionTask(run.scorer.scores, run.threshold, labels)
+    return DetectionTask(run.scorer.scores, run.threshold, labels,
+                         score_interval=run.scorer.score_interval)
 
 
 def task_fingerprint(run: Run, fmt: str) -> str:
@@ -65,10 +66,27 @@ def task_fingerprint(run: Run, fmt: str) -> str:
 _PARTS: dict[Any, EngineParts] = {}
 
 
+def _certificates(factory: RunEngineFactory, eng: Engine) -> None:
+    """Load the engine's certificates from ``RUN/certificates/<digest>.npz`` (keyed by the
+    model, data and task fingerprints and the certifier's options), or compute and save
+    them: the first engine of a campaign computes, its workers load."""
+    cert = eng.certifier
+    if cert is None or cert.reason is not None:
+        return
+    key = json.dumps({**factory.fingerprints(), **cert.options()}, sort_keys=True)
+    path = Path(factory.run) / "certificates" / (
+        hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
+    if path.exists():
+        cert.load(path)
+    else:
+        cert.compute_all().save(path)
+
+
 @dataclass(frozen=True)
 class RunEngineFactory:
     """Picklable recipe of the engine of a run directory: the run's model on its test inputs
-    (``images``: that many, evenly spaced; None = all) in number format ``fmt``.
+    (``images``: that many, evenly spaced; None = all) in number format ``fmt``; with
+    ``certify`` faults proven harmless to every decision are not simulated.
 
     ``factory()`` builds the engine; ``factory.model()`` only loads the network (a fresh copy
     callers may modify); ``factory.parts()`` the run, inputs and labels (cached per process
@@ -79,6 +97,7 @@ class RunEngineFactory:
     images: int | None = None
     fmt: str = "fp32"
     data_dir: str | None = None
+    certify: bool = False
 
     def __post_init__(self) -> None:
         if self.images is not None and (not isinstance(self.images, int) or self.images < 1):
@@ -111,4 +130,8 @@ class RunEngineFactory:
 
     def __call__(self) -> Engine:
         p = self.parts()
-        return Engine(p.run.model, p.inputs, task_for(p.run, p.labels), fmt=self.fmt)
+        eng = Engine(p.run.model, p.inputs, task_for(p.run, p.labels), fmt=self.fmt,
+                     certify=self.certify)
+        if self.certify:
+            _certificates(self, eng.prepare())
+        return eng

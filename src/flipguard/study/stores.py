@@ -6,7 +6,7 @@ it was made for; when the run changed since (retrained model, new threshold, oth
 its outcomes describe another detector and must not be used as this one's.
 
 >>> campaign_factory("runs/demo", {"engine": {"images": 8}, "plan": {"fmt": "fp16"}})
-RunEngineFactory(run='runs/demo', images=8, fmt='fp16', data_dir=None)
+RunEngineFactory(run='runs/demo', images=8, fmt='fp16', data_dir=None, certify=False)
 """
 
 from __future__ import annotations

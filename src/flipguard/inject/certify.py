@@ -1,0 +1,378 @@
+"""Certified outcomes: weight and bias faults that provably change no image's decision.
+
+A weight fault of output channel ``c`` of a Conv/ConvTranspose/Linear layer changes that
+layer's output on channel ``c`` only, by ``dw * x`` with ``x`` an input value in the
+kernel's window, so by at most ``|dw| * E`` where ``E`` is the window maximum of ``|x|``
+over input channels (1 for a bias). :mod:`flipguard.inject.bounds` turns that into a bound
+on the change of every model output for every ``|dw| <= t`` (golden-centred interval
+propagation), and the task gives each image's largest output change that cannot change its
+decision (``radius``): a detector's score interval over reconstructions within the radius
+stays on its side of the threshold (``DetectionTask(score_interval=...)``), a classifier's
+top-1 logit margin exceeds twice the radius, a tolerance task's allowance exceeds it.
+
+For every layer, output channel ``c`` and image ``j`` the certifier keeps ``T[c, j]``: the
+largest ``|dw|`` for which image ``j``'s decision cannot change. The engine simulates a fault
+only on the images it does not certify (``Outcome.n_certified`` counts the others), and not
+at all when it certifies every image. Soundness margins: rounding of the
+golden and faulty runs (``rounding="ulp"``: 16 units of roundoff per computed value,
+checked by simulation in the tests; ``"worst-case"``: the dot-product bound, a proof),
+each image's radius divided by ``safety`` (default 2), and scores within ``2**-12``
+(relative) of the threshold never certified. Layers the bounds cannot follow, or whose
+bound cannot certify even the smallest change a fault makes, certify nothing.
+
+>>> import torch
+>>> from flipguard.inject import ClassificationTask, Engine
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> x = torch.randn(16, 4); y = net(x).argmax(1)
+>>> cert = Certifier(Engine(net, x, ClassificationTask(y)))
+>>> cert.table("2").shape
+(3, 16)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+
+from flipguard.errors import ConfigError
+from flipguard.faults import Fault
+from flipguard.fileio import replacing
+from flipguard.inject.bounds import (
+    _LINEAR,
+    ROUNDING,
+    Unsupported,
+    golden_values,
+    layer_rounding,
+    propagate,
+    ulp_rounding,
+)
+from flipguard.inject.tasks import ClassificationTask, DetectionTask, Task, ToleranceTask
+
+__all__ = ["Certifier", "LayerCertificate", "SLACK"]
+
+SLACK = 2.0**-12
+"""Scores within this relative distance of the threshold are never certified."""
+
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass
+class LayerCertificate:
+    """``T[c, j]``: faults of output channel ``c`` with ``|dw| < T[c, j]`` keep image
+    ``j``'s decision."""
+
+    T: np.ndarray
+    seconds: float = 0.0
+    reason: str | None = None  # why nothing is certified (None: computed)
+    images: int = 0
+
+
+@dataclass
+class Certifier:
+    """Certificates for the weight/bias faults of ``engine``'s layers (computed per layer on
+    first use). ``levels``: the caps ``t`` tried, as fractions of the layer's largest
+    |weight|; ``chunk``: images per bound pass; a layer where fewer than ``min_share`` of the
+    (channel, image) pairs of the first chunk certify any change is skipped; ``rounding``:
+    the rounding model of :func:`flipguard.inject.bounds.propagate`."""
+
+    engine: Any
+    safety: float = 2.0
+    levels: tuple[float, ...] = (2.0**-6, 2.0**-16)
+    chunk: int = 16
+    rows: int = 64
+    min_share: float = 0.01
+    rounding: str = "ulp"
+    _radius: np.ndarray | None = field(default=None, repr=False)
+    _tables: dict[str, LayerCertificate] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.safety >= 1:
+            raise ConfigError(f"safety: expected a factor >= 1, got {self.safety!r}")
+        if self.rounding not in ROUNDING:
+            raise ConfigError(f"rounding: expected one of {', '.join(ROUNDING)}, got "
+                              f"{self.rounding!r}")
+        self.engine.prepare()
+        self.reason = None if self.engine.program is not None else \
+            "the model runs as full forwards (no traced graph)"
+        if self.reason is None:
+            self.reason = _task_reason(self.engine.task)
+
+    # -- per image ------------------------------------------------------------------------
+    def radius(self) -> np.ndarray:
+        """Per image: the largest uniform change of every model output that cannot change
+        its decision, already divided by ``safety`` (0 = none)."""
+        if self._radius is None:
+            eng = self.engine
+            outs = eng.golden_outputs
+            parts = [_task_radius(eng.task, eng.inputs[a:a + 64], outs[a:a + 64],
+                                  eng.golden.facts[a:a + 64])
+                     for a in range(0, eng.n, 64)]
+            self._radius = np.concatenate(parts) / self.safety
+        return self._radius
+
+    # -- per layer ------------------------------------------------------------------------
+    def table(self, layer: str) -> np.ndarray:
+        """``T`` of ``layer``: (output channels, images); a fault of channel ``c`` with
+        ``|dw| < T[c, j]`` keeps image ``j``'s decision (zeros: nothing certified)."""
+        return self.certificate(layer).T
+
+    def certificate(self, layer: str) -> LayerCertificate:
+        """The :class:`LayerCertificate` of ``layer`` (computed on first use)."""
+        if layer not in self._tables:
+            t0 = time.perf_counter()
+            cert = self._compute(layer)
+            cert.seconds = time.perf_counter() - t0
+            self._tables[layer] = cert
+        return self._tables[layer]
+
+    def image_mask(self, fault: Fault, old: Tensor, new: Tensor) -> np.ndarray | None:
+        """Per image: True where ``fault`` (stored value ``old`` -> ``new``) provably keeps
+        the decision; None when nothing about the fault can be certified."""
+        if self.reason is not None or fault.target not in ("weight", "bias"):
+            return None
+        if fault.layer not in self.engine.program.calls:
+            return None
+        d = abs(float(new.double()) - float(old.double()))
+        if not math.isfinite(d):
+            return None
+        T = self.table(fault.layer)
+        if not T.size:
+            return None
+        return T[self._channel(fault)] > d
+
+    def certifies(self, fault: Fault, old: Tensor, new: Tensor) -> bool:
+        """True when ``fault`` changes no image's decision."""
+        mask = self.image_mask(fault, old, new)
+        return mask is not None and bool(mask.all())
+
+    def _channel(self, f: Fault) -> int:
+        m = self.engine.model.get_submodule(f.layer)
+        if f.target == "bias":
+            return int(f.index)
+        shape = tuple(m.weight.shape)
+        idx = np.unravel_index(int(f.index), shape)
+        if isinstance(m, _CONVT):
+            per_in = shape[0] // m.groups
+            return int(idx[0] // per_in * shape[1] + idx[1])
+        return int(idx[0])
+
+    def _compute(self, layer: str) -> LayerCertificate:
+        eng = self.engine
+        prog = eng.program
+        if self.reason is not None:
+            return LayerCertificate(np.zeros((0, eng.n), np.float32), reason=self.reason)
+        m = eng.model.get_submodule(layer)
+        if not isinstance(m, _LINEAR) or layer not in prog.calls:
+            return LayerCertificate(np.zeros((0, eng.n), np.float32),
+                                    reason=f"{type(m).__name__} is not certified")
+        p = prog.calls[layer]
+        node = prog.nodes[p]
+        n_out = int(m.weight.shape[0] if not isinstance(m, _CONVT)
+                    else m.weight.shape[1] * m.groups)
+        T = np.zeros((n_out, eng.n), np.float32)
+        floor = _smallest_change(m)
+        radius = self.radius()
+        scale = float(m.weight.detach().abs().max())
+        if getattr(m, "bias", None) is not None:
+            scale = max(scale, float(m.bias.detach().abs().max()))
+        try:
+            for a in range(0, eng.n, self.chunk):
+                b = min(a + self.chunk, eng.n)
+                with torch.no_grad():
+                    golden = golden_values(prog, eng.inputs[a:b].to(eng.device))
+                x_in, z = golden[node.args[0]], golden[node]
+                env = _envelope(m, x_in, z).clamp_min(1.0)
+                rnd = layer_rounding(m, x_in, torch.zeros_like(x_in)) \
+                    if self.rounding == "worst-case" else ulp_rounding(z, torch.zeros_like(z))
+                best = np.zeros((n_out, b - a))
+                for lvl in self.levels:
+                    best = np.maximum(best, self._level(prog, golden, p, m, z, env, rnd,
+                                                        lvl * scale, radius[a:b], n_out))
+                T[:, a:b] = best
+                if a == 0 and (best > floor).mean() < self.min_share:
+                    return LayerCertificate(np.zeros((n_out, eng.n), np.float32),
+                                            reason="bound too loose", images=b)
+        except Unsupported as exc:
+            return LayerCertificate(np.zeros((n_out, eng.n), np.float32),
+                                    reason=f"unsupported: {exc}")
+        T[~np.isfinite(T)] = 0.0
+        return LayerCertificate(T, images=eng.n)
+
+    def _level(self, prog: Any, golden: dict, p: int, m: nn.Module, z: Tensor, env: Tensor,
+               rnd: Tensor, t: float, radius: np.ndarray, n_out: int) -> np.ndarray:
+        """Per channel and image: the largest certified |dw| under cap ``t``. One pass with
+        the envelope on every channel fixes the slopes and bounds rounding for a fault of
+        any channel; one linear pass per channel then bounds that channel's change."""
+        B = z.shape[0]
+        last = isinstance(m, nn.Linear)
+        e = env[..., 0] if last else env[:, 0]
+        eps = float(torch.finfo(z.dtype).eps)
+        union = (t * env).expand_as(z).contiguous()
+        slopes: dict = {}
+        _, R = propagate(prog, golden, p, union, rnd + 4 * eps * union, record=slopes,
+                         model=self.rounding)
+        assert R is not None
+        Rj = R.reshape(B, -1).amax(1).double().cpu().numpy()
+        G = max(1, self.rows // B)
+        out = np.zeros((n_out, B))
+        rep: dict[int, tuple[dict, dict]] = {}
+        for c0 in range(0, n_out, G):
+            cs = list(range(c0, min(c0 + G, n_out)))
+            g = len(cs)
+            if g not in rep:
+                rep[g] = (_repeat(golden, B, g), _repeat(slopes, B, g))
+            f0 = torch.zeros((g * B, *z.shape[1:]), dtype=z.dtype, device=z.device)
+            for i, c in enumerate(cs):
+                rows = slice(i * B, (i + 1) * B)
+                f0[(rows, Ellipsis, c) if last else (rows, c)] = t * e
+            F, _ = propagate(prog, rep[g][0], p, f0, slopes=rep[g][1], rounding=False)
+            Fj = F.reshape(g, B, -1).amax(2).double().cpu().numpy()
+            room = radius[None, :] - Rj[None, :]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                tc = np.where(Fj > 0, t * room / Fj, t)
+            ok = (room > 0) & np.isfinite(Fj) & np.isfinite(Rj)[None, :]
+            out[c0:c0 + g] = np.where(ok, np.minimum(tc, t), 0.0)
+        return out
+
+    def options(self) -> dict[str, Any]:
+        """The options that change the certificates (for cache keys)."""
+        return {"safety": self.safety, "levels": list(self.levels), "rounding": self.rounding,
+                "min_share": self.min_share, "slack": SLACK, "version": 1}
+
+    def compute_all(self) -> Certifier:
+        """Certificates of every Conv/ConvT/Linear layer of the traced graph."""
+        if self.reason is None:
+            for name in self.engine.program.calls:
+                if isinstance(self.engine.model.get_submodule(name), _LINEAR):
+                    self.certificate(name)
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        """Write the radii and every computed certificate (``.npz``, atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {"__radius__": self.radius()}
+        meta = {}
+        for k, v in self._tables.items():
+            arrays[f"T:{k}"] = v.T
+            meta[k] = {"seconds": v.seconds, "reason": v.reason, "images": v.images}
+        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        with replacing(path, ".npz") as tmp:
+            np.savez(tmp, **arrays)
+        return path
+
+    def load(self, path: str | Path) -> Certifier:
+        """Read certificates written by :meth:`save` for the same engine and options."""
+        with np.load(path, allow_pickle=False) as d:
+            self._radius = np.asarray(d["__radius__"])
+            meta = json.loads(bytes(d["__meta__"]).decode())
+            for k, v in meta.items():
+                self._tables[k] = LayerCertificate(np.asarray(d[f"T:{k}"]), v["seconds"],
+                                                   v["reason"], v["images"])
+        if self._radius.shape != (self.engine.n,):
+            raise ConfigError(f"{path}: certificates for {self._radius.shape[0]} images, the "
+                              f"engine evaluates {self.engine.n}")
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """Per computed layer: seconds, images used, reason, share of (channel, image) pairs
+    with T > 0."""
+        return {k: {"seconds": round(v.seconds, 3), "images": v.images, "reason": v.reason,
+                    "pairs_certifying": float((v.T > 0).mean()) if v.T.size else 0.0}
+                for k, v in self._tables.items()}
+
+
+def _repeat(d: dict, B: int, g: int) -> dict:
+    """Tensors of ``d`` with batch ``B`` repeated ``g`` times along the batch."""
+    return {k: v.repeat(g, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) and v.dim()
+            and v.shape[0] == B else v for k, v in d.items()}
+
+
+def _task_reason(task: Task) -> str | None:
+    if isinstance(task, DetectionTask) and getattr(task, "score_interval", None) is None:
+        return "the detection task has no score_interval (its score cannot be bounded)"
+    if not isinstance(task, DetectionTask | ClassificationTask | ToleranceTask):
+        return f"task {type(task).__name__} has no decision bound"
+    return None
+
+
+def _task_radius(task: Task, x: Tensor, y: Tensor, facts: np.ndarray) -> np.ndarray:
+    """Per image: the largest uniform output change keeping its decision (before safety)."""
+    if isinstance(task, ClassificationTask):
+        top = y.double().topk(2, dim=1).values if y.shape[1] > 1 else None
+        if top is None:
+            return np.full(y.shape[0], np.inf)
+        gap = (top[:, 0] - top[:, 1]).cpu().numpy()
+        gap = gap - SLACK * np.abs(top[:, 0].cpu().numpy())
+        return np.maximum(gap / 2, 0.0)
+    if isinstance(task, ToleranceTask):
+        allow = (task.atol + task.rtol * y.double().abs()).flatten(1)
+        return np.maximum(allow.amin(1).cpu().numpy() * (1 - SLACK), 0.0)
+    assert isinstance(task, DetectionTask)
+    thr = task.threshold
+    s0 = np.asarray(facts, np.float64)
+    slack = SLACK * np.maximum(abs(thr), np.abs(s0))
+    anomalous = s0 > thr
+    lo_e, hi_e = np.full(len(s0), -14.0), np.full(len(s0), 2.0)  # log10 bisection
+
+    def ok(e: np.ndarray) -> np.ndarray:
+        et = torch.as_tensor(e, dtype=torch.float64).reshape(-1, *([1] * (y.dim() - 1)))
+        yd = y.double()
+        s_lo, s_hi = task.score_interval(x, yd - et, yd + et)
+        s_lo, s_hi = s_lo.double().cpu().numpy(), s_hi.double().cpu().numpy()
+        with np.errstate(invalid="ignore"):
+            return np.where(anomalous, s_lo - slack > thr, s_hi + slack <= thr)
+
+    base = ok(10.0 ** lo_e)
+    for _ in range(24):
+        mid = (lo_e + hi_e) / 2
+        good = ok(10.0 ** mid)
+        lo_e, hi_e = np.where(good, mid, lo_e), np.where(good, hi_e, mid)
+    return np.where(base & np.isfinite(s0), 10.0 ** lo_e, 0.0)
+
+
+def _envelope(m: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    """Upper bound of ``|x|`` over the inputs a weight of ``m`` multiplies into each output
+    element, one map per image (channel dim 1 of size 1; last dim for Linear)."""
+    a = x.abs().amax(1, keepdim=True) if not isinstance(m, nn.Linear) else \
+        x.abs().amax(-1, keepdim=True)
+    if isinstance(m, nn.Linear):
+        return a.expand(*z.shape[:-1], 1)
+    nd = a.dim() - 2
+    if isinstance(m, _CONVT):
+        k = tuple(m.kernel_size)
+        fn = {1: nnf.conv_transpose1d, 2: nnf.conv_transpose2d, 3: nnf.conv_transpose3d}[nd]
+        best = None
+        for off in np.ndindex(*k):
+            w = torch.zeros((1, 1, *k), dtype=a.dtype, device=a.device)
+            w[(0, 0, *off)] = 1.0
+            v = fn(a, w, None, m.stride, m.padding, m.output_padding, 1, m.dilation)
+            best = v if best is None else torch.maximum(best, v)
+        assert best is not None
+        return best
+    pad = [q for p in reversed(tuple(m.padding)) for q in (p, p)] if not isinstance(
+        m.padding, str) else None
+    if pad is None:
+        raise ConfigError(f"{type(m).__name__} padding={m.padding!r} is not certified")
+    ap = nnf.pad(a, pad)
+    pool = {1: nnf.max_pool1d, 2: nnf.max_pool2d, 3: nnf.max_pool3d}[nd]
+    return pool(ap, m.kernel_size, m.stride, 0, m.dilation)
+
+
+def _smallest_change(m: nn.Module) -> float:
+    """A lower bound of the smallest |dw| a fault of ``m`` can make (a bit-0 flip of its
+    smallest non-zero weight in float32, or 0 for an all-zero layer)."""
+    w = m.weight.detach().abs()
+    nz = w[w > 0]
+    if not nz.numel():
+        return 0.0
+    return float(nz.min()) * 2.0**-24
