@@ -242,3 +242,14 @@ def test_campaign_certify_classifies_as_simulation(tmp_path):
         assert [{k: row[k] for k in keys} for row in c1] == \
             [{k: row[k] for k in keys} for row in c2]
     assert np.isfinite(g.accuracy)
+
+
+def test_layers_are_certified_only_where_the_faults_repay_it():
+    net, x, task = _case("cnn")
+    eng = Engine(net, x, task).prepare()
+    few = Certifier(eng, faults={"4": 3})
+    assert few.certificate("4").reason == "not worth it for 3 faults"
+    assert not few.table("4").any()
+    many = Certifier(eng, faults={"4": 10**6})
+    assert many.certificate("4").reason is None and many.table("4").any()
+    assert few.options() != many.options()  # cached under different keys

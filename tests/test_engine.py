@@ -289,6 +289,16 @@ def test_early_decision_gives_same_class():
     stopped = [o for o in early if o.early_stopped]
     assert stopped and all(o.n_images < 24 for o in stopped)
     assert all(not o.early_stopped and o.n_images == 24 for o in full)
+    same = Engine(model, x, task, batch_size=4, image_order="margin").run(faults)
+    assert [o.to_dict() for o in same] == [o.to_dict() for o in full]  # order changes nothing
+    mild = Fault("weight", "decoder.16", 5, (29,))  # flips 3 borderline images
+    kw = {"batch_size": 4, "early_stop": "any-flip"}
+    by_index = Engine(model, x, task, **kw).run([mild])[0]
+    ordered = Engine(model, x, task, **kw, image_order="margin")
+    by_margin = ordered.run([mild])[0]
+    assert by_margin.flips > 0 and by_margin.n_images < by_index.n_images
+    margins = np.abs(golden.facts - task.threshold)
+    assert np.all(np.diff(margins[ordered._order]) >= 0)
 
 
 def test_notebook_api_records_and_arrow():

@@ -1,11 +1,12 @@
-"""Criticality-stratified sampling as a plan type of campaigns: every planned stratum is
-split into sub-strata by a predictor's class (keys ``<stratum>:crit=<class>``); round 0 audits
-each with ``min(N_h, AUDIT)`` faults, round 1 draws the allocation planned from the audit among
-the other faults (planned with class rates calibrated on the audit of every stratum,
-:func:`calibrated_priors`; the store's meta ``calibration`` records them), and further rounds (:func:`refine_stratified`) top up and end with a
-closing round (:func:`flipguard.campaign.topup.plan_round`; the store's meta ``closed``
-lists the strata that had theirs). The CFR of the rounds is estimated without bias across
-them (:mod:`flipguard.campaign.sequential`, :func:`substrata_estimate`).
+"""Criticality-stratified sampling as a plan type of campaigns: every planned stratum is split
+into sub-strata by a predictor's class (keys ``<stratum>:crit=<class>``); round 0 audits
+each with ``min(N_h, AUDIT)`` faults, round 1 draws the allocation planned from the audit
+among the other faults (planned with class rates calibrated on the audit of every stratum,
+:func:`calibrated_priors`; the store's meta ``calibration`` records them), and further
+rounds (:func:`refine_stratified`) top up and end with a closing round
+(:func:`flipguard.campaign.topup.plan_round`; the store's meta ``closed`` lists the strata
+that had theirs). The CFR of the rounds is estimated without bias across them
+(:mod:`flipguard.campaign.sequential`, :func:`substrata_estimate`).
 
 The predictor is any object with ``classes(layer, bit, kernel, bits, target, kinds)`` (one
 class per stratum-local fault), e.g. :class:`flipguard.criticality.Predictor`.

@@ -1,11 +1,11 @@
 """The end-to-end demo behind `flipguard demo` (and `make demo`).
 
-It exercises every landed capability on the built-in synthetic dataset in a few minutes on
-2 CPU cores, through the same CLI verbs a user types: synth → train → evaluate → campaign plan
-and run → cfr per layer and per bit → the same campaign with certified outcomes → harden → resiliency accuracy → report → SFI validated
-against exhaustive injection of the first layer → a user's own model as a run (``init``) →
-a two-object study with cross-object figures → a small architecture search.
-"""
+It exercises every landed capability on the built-in synthetic dataset in a few minutes on 2
+CPU cores, through the same CLI verbs a user types: synth → train → evaluate → campaign plan
+and run → cfr per layer and per bit → the same campaign with certified outcomes → harden →
+resiliency accuracy → report → SFI validated against exhaustive injection of the first layer
+→ a user's own model as a run (``init``) → a two-object study with cross-object figures → a
+small architecture search."""
 
 from __future__ import annotations
 

@@ -82,7 +82,10 @@ class Certifier:
     first use). ``levels``: the caps ``t`` tried, as fractions of the layer's largest
     |weight|; ``chunk``: images per bound pass; a layer where fewer than ``min_share`` of the
     (channel, image) pairs of the first chunk certify any change is skipped; ``rounding``:
-    the rounding model of :func:`flipguard.inject.bounds.propagate`."""
+    the rounding model of :func:`flipguard.inject.bounds.propagate`; ``faults``: faults per
+    layer to be evaluated — a layer is then certified only where that pays: certifying costs
+    about ``(channels + 1) x len(levels)`` simulations of one of its faults, so a layer
+    whose faults times the first chunk's certified share is below that is skipped."""
 
     engine: Any
     safety: float = 2.0
@@ -91,6 +94,7 @@ class Certifier:
     rows: int = 64
     min_share: float = 0.01
     rounding: str = "ulp"
+    faults: dict[str, int] | None = None
     _radius: np.ndarray | None = field(default=None, repr=False)
     _tables: dict[str, LayerCertificate] = field(default_factory=dict, repr=False)
 
@@ -198,9 +202,15 @@ class Certifier:
                     best = np.maximum(best, self._level(prog, golden, p, m, z, env, rnd,
                                                         lvl * scale, radius[a:b], n_out))
                 T[:, a:b] = best
-                if a == 0 and (best > floor).mean() < self.min_share:
+                share = float((best > floor).mean())
+                if a == 0 and share < self.min_share:
                     return LayerCertificate(np.zeros((n_out, eng.n), np.float32),
                                             reason="bound too loose", images=b)
+                if a == 0 and self.faults is not None and \
+                        self.faults.get(layer, 0) * share < (n_out + 1) * len(self.levels):
+                    return LayerCertificate(np.zeros((n_out, eng.n), np.float32), images=b,
+                                            reason=f"not worth it for "
+                                                   f"{self.faults.get(layer, 0)} faults")
         except Unsupported as exc:
             return LayerCertificate(np.zeros((n_out, eng.n), np.float32),
                                     reason=f"unsupported: {exc}")
@@ -246,7 +256,8 @@ class Certifier:
     def options(self) -> dict[str, Any]:
         """The options that change the certificates (for cache keys)."""
         return {"safety": self.safety, "levels": list(self.levels), "rounding": self.rounding,
-                "min_share": self.min_share, "slack": SLACK, "version": 1}
+                "min_share": self.min_share, "slack": SLACK, "version": 1,
+                "faults": None if self.faults is None else dict(sorted(self.faults.items()))}
 
     def compute_all(self) -> Certifier:
         """Certificates of every Conv/ConvT/Linear layer of the traced graph."""

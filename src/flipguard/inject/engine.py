@@ -76,7 +76,10 @@ class Engine:
     bit-identical ("auto": where also faster, "always", "never"). ``certify``: weight/bias
     faults a :class:`~flipguard.inject.certify.Certifier` proves harmless to every decision
     are not simulated, and other faults only on the images it cannot certify
-    (``Outcome.n_certified``). ``golden`` holds the golden facts;
+    (``Outcome.n_certified``). ``image_order="margin"``: images nearest to their
+    decision boundary run first (detector: |score - threshold|; classifier: top-1 logit
+    gap), so an ``early_stop`` decision on a fault that flips only borderline images comes
+    sooner (a fault that moves every score decides in the first chunks in any order). ``golden`` holds the golden facts;
     ``strategy_used`` / ``fallback_reason`` say how faults are evaluated.
 
     Example:
@@ -90,7 +93,7 @@ class Engine:
                  fault_batch: int = 8, early_stop: str | Criterion | None = None,
                  layers: Sequence[str] | None = None, strategy: str = "auto",
                  heap_reuse: bool = True, channel_blocks: str = "auto",
-                 certify: bool = False) -> None:
+                 certify: bool = False, image_order: str = "index") -> None:
         if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
             raise ConfigError("inputs: expected a tensor (N, ...) with at least one sample")
         if not isinstance(task, Task):
@@ -99,7 +102,8 @@ class Engine:
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, got {v!r}")
         for name, v, ok in (("strategy", strategy, ("auto", "full")),
-                            ("channel_blocks", channel_blocks, ("auto", "always", "never"))):
+                            ("channel_blocks", channel_blocks, ("auto", "always", "never")),
+                            ("image_order", image_order, ("index", "margin"))):
             if v not in ok:
                 raise ConfigError(f"{name}: expected one of {', '.join(ok)}, got {v!r}")
         task.check(int(inputs.shape[0]))
@@ -127,6 +131,8 @@ class Engine:
         self._stop_stats: dict[int, list[int]] = {}
         self._was_training, self._golden = was_training, None
         self._certify, self.certifier = bool(certify), None
+        self._image_order = image_order
+        self._order = np.arange(self.n)
         self.model.train(was_training)
 
     def prepare(self) -> Engine:
@@ -154,6 +160,8 @@ class Engine:
                                   f"{bad.size} of {self.n} inputs (first: input {bad[0]})")
             if self._certify:
                 self.certifier = Certifier(self)
+            if self._image_order == "margin":
+                self._order = _margin_order(self.task, self.golden, self.golden_outputs)
         return self
 
     @property
@@ -368,15 +376,16 @@ class Engine:
         certified = np.zeros(k, dtype=np.int64)
         for a in range(0, n, bs):
             b = min(a + bs, n)
+            images = self._order[a:b]
             self._chunk(pipe, active, a, b)
             for it in active:
-                c = 0 if it.certified is None else int(it.certified[a:b].sum())
+                c = 0 if it.certified is None else int(it.certified[images].sum())
                 evaluated[it.slot] += b - a - c
                 certified[it.slot] += c
             if self.early_stop is not None and b < n:
                 pipe.flush()
                 remaining = np.zeros(n, dtype=bool)
-                remaining[b:] = True
+                remaining[self._order[b:]] = True
                 active = [it for it in active if not self.early_stop.certain(
                     self._outcome(it.slot, facts, changed, nonfin, evaluated, certified),
                     self.golden,
@@ -401,17 +410,25 @@ class Engine:
                        nonfinite_outputs=bool((nonfin[s] & ~self.golden_nonfinite).any()),
                        **fields)
 
+    def _rows(self, key: Any, a: int, b: int) -> Tensor:
+        """Cached rows of the images at positions ``a..b-1`` of the image order."""
+        if self._image_order == "index":
+            return self.cache.read(key, a, b)
+        return self.cache.gather(key, self._order[a:b])
+
     def _chunk(self, pipe: Pipeline, items: list[_Item], a: int, b: int) -> None:
-        """Feed images ``a..b-1`` of every fault in ``items`` into the pipeline."""
-        r, images, bs = b - a, np.arange(a, b), self.bs
-        golden_out = self.cache.read(_OUT, a, b)
+        """Feed the images at positions ``a..b-1`` of the image order of every fault in
+        ``items`` into the pipeline."""
+        r, images, bs = b - a, self._order[a:b], self.bs
+        golden_out = self._rows(_OUT, a, b)
         by_layer: dict[str, list[_Item]] = {}
         for it in items:
             if it.pos >= 0:
                 by_layer.setdefault(it.fault.layer, []).append(it)
                 continue
             with inject(self.model, it.fault, self._format(it.fault)):
-                y = self.model(self._x(a, b))[:r]
+                y = self.model(pad_rows(self.inputs[torch.as_tensor(images)].to(
+                    self.device, copy=True), bs))[:r]
             keep = ~same_rows(y, golden_out)
             rows = Rows({pipe.out_key: y}, np.full(r, it.slot), images)
             pipe.push(pipe.end, rows.select(keep) if not bool(keep.all()) else rows)
@@ -420,14 +437,14 @@ class Engine:
             assert prog is not None
             p = prog.calls[layer]
             node = prog.nodes[p]
-            env = {v: pad_rows(self.cache.read(v, a, b), bs) for v in self.cuts[layer]}
+            env = {v: pad_rows(self._rows(v, a, b), bs) for v in self.cuts[layer]}
             gold = prog.call(node, self._fresh(env))
             after = prog.live(p + 1)
             for it in group:
                 out, sl = self._faulty_layer(it.fault, node, env, gold)
                 keep = ~same_rows(out[:r, sl], gold[:r, sl])
                 if it.certified is not None:
-                    keep &= ~torch.as_tensor(it.certified[a:b], device=keep.device)
+                    keep &= ~torch.as_tensor(it.certified[images], device=keep.device)
                 if not bool(keep.any()):
                     continue
                 vals = {v: out[:r] if v is node else
@@ -452,6 +469,20 @@ class Engine:
         with inject(self.model, f, self._format(f)):
             out = self.program.call(node, self._fresh(env))
         return out, slice(None)
+
+
+def _margin_order(task: Task, golden: Golden, outputs: Tensor) -> np.ndarray:
+    """Image indices nearest to their decision boundary first, the images a small change
+    flips first (stable; index order for tasks without a margin)."""
+    facts = np.asarray(golden.facts, dtype=np.float64)
+    if task.kind == "detection":
+        margin = np.abs(facts - float(golden.threshold or 0.0))
+    elif task.kind == "classification" and outputs.dim() == 2 and outputs.shape[1] > 1:
+        top = outputs.double().topk(2, dim=1).values
+        margin = (top[:, 0] - top[:, 1]).numpy()
+    else:
+        return np.arange(len(facts))
+    return np.argsort(margin, kind="stable")
 
 
 def _check_finite_parameters(model: nn.Module) -> None:

@@ -9,8 +9,9 @@ refinement rounds and any backend, status, CFR tables and export — the run-dir
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,9 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
     predictor = predictor_for(factory, cfg)
     stratified = sampling_type(cfg.sampling).needs_predictor
     with open_campaign(run, cfg, factory, fresh=opts.fresh, predictor=predictor) as store:
+        if opts.certify:  # certify the layers where the planned faults repay it
+            per_layer = Counter(pf.fault.layer for pf in store.planned())
+            factory = replace(factory, certify_faults=tuple(sorted(per_layer.items())))
         engine = factory()
         ensure_golden(store, engine)
         counts = store.counts()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,20 +74,29 @@ def _certificates(factory: RunEngineFactory, eng: Engine) -> None:
     cert = eng.certifier
     if cert is None or cert.reason is not None:
         return
+    if factory.certify_faults is not None:
+        cert.faults = dict(factory.certify_faults)
     key = json.dumps({**factory.fingerprints(), **cert.options()}, sort_keys=True)
     path = Path(factory.run) / "certificates" / (
         hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
     if path.exists():
         cert.load(path)
-    else:
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))  # before any worker starts
+    try:
         cert.compute_all().save(path)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
 class RunEngineFactory:
     """Picklable recipe of the engine of a run directory: the run's model on its test inputs
     (``images``: that many, evenly spaced; None = all) in number format ``fmt``; with
-    ``certify`` faults proven harmless to every decision are not simulated.
+    ``certify`` images whose decision a fault provably keeps are not simulated
+    (``certify_faults``: the campaign's faults per layer, so only layers where certifying
+    pays are certified).
 
     ``factory()`` builds the engine; ``factory.model()`` only loads the network (a fresh copy
     callers may modify); ``factory.parts()`` the run, inputs and labels (cached per process
@@ -98,6 +108,7 @@ class RunEngineFactory:
     fmt: str = "fp32"
     data_dir: str | None = None
     certify: bool = False
+    certify_faults: tuple[tuple[str, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images is not None and (not isinstance(self.images, int) or self.images < 1):
