@@ -37,7 +37,8 @@ def test_engine_on_cuda_is_bit_identical_to_naive_on_cuda():
 
 
 def test_certified_outcomes_on_cuda_keep_every_decision():
-    from test_certify import _case, _faults as cert_faults, _same_decisions
+    from test_certify import _case, _same_decisions
+    from test_certify import _faults as cert_faults
 
     net, x, task = _case("cnn")
     faults = cert_faults(net, "fp32", 600)

@@ -79,8 +79,9 @@ class Engine:
     (``Outcome.n_certified``). ``image_order="margin"``: images nearest to their
     decision boundary run first (detector: |score - threshold|; classifier: top-1 logit
     gap), so an ``early_stop`` decision on a fault that flips only borderline images comes
-    sooner (a fault that moves every score decides in the first chunks in any order). ``golden`` holds the golden facts;
-    ``strategy_used`` / ``fallback_reason`` say how faults are evaluated.
+    sooner (a fault that moves every score decides in the first chunks in any order).
+    ``golden`` holds the golden facts; ``strategy_used`` / ``fallback_reason`` say how faults
+    are evaluated.
 
     Example:
         >>> eng = Engine(model, x, ClassificationTask(y), batch_size=32)  # doctest: +SKIP
