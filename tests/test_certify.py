@@ -253,3 +253,14 @@ def test_layers_are_certified_only_where_the_faults_repay_it():
     many = Certifier(eng, faults={"4": 10**6})
     assert many.certificate("4").reason is None and many.table("4").any()
     assert few.options() != many.options()  # cached under different keys
+
+
+def test_padding_the_envelope_cannot_follow_is_not_certified():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="replicate"), nn.Flatten(),
+                        nn.Linear(128, 3)).eval()
+    x = torch.rand(8, 1, 8, 8)
+    cert = Certifier(Engine(net, x, ClassificationTask(net(x).argmax(1))))
+    lc = cert.certificate("0")
+    assert lc.reason.startswith("unsupported") and not lc.T.any()
+    assert cert.certificate("2").reason is None  # the Linear layer after it still certifies

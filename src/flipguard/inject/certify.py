@@ -370,10 +370,10 @@ def _envelope(m: nn.Module, x: Tensor, z: Tensor) -> Tensor:
             best = v if best is None else torch.maximum(best, v)
         assert best is not None
         return best
-    pad = [q for p in reversed(tuple(m.padding)) for q in (p, p)] if not isinstance(
-        m.padding, str) else None
-    if pad is None:
-        raise ConfigError(f"{type(m).__name__} padding={m.padding!r} is not certified")
+    if isinstance(m.padding, str) or getattr(m, "padding_mode", "zeros") != "zeros":
+        raise Unsupported(f"{type(m).__name__} padding={m.padding!r}, "
+                          f"padding_mode={m.padding_mode!r}")
+    pad = [q for p in reversed(tuple(m.padding)) for q in (p, p)]
     ap = nnf.pad(a, pad)
     pool = {1: nnf.max_pool1d, 2: nnf.max_pool2d, 3: nnf.max_pool3d}[nd]
     return pool(ap, m.kernel_size, m.stride, 0, m.dilation)
