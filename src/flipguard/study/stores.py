@@ -5,8 +5,9 @@ fingerprints of the model, the evaluated data and the task (threshold, scorer, n
 it was made for; when the run changed since (retrained model, new threshold, other data),
 its outcomes describe another detector and must not be used as this one's.
 
->>> campaign_factory("runs/demo", {"engine": {"images": 8}, "plan": {"fmt": "fp16"}})
-RunEngineFactory(run='runs/demo', images=8, fmt='fp16', data_dir=None, certify=False)
+>>> f = campaign_factory("runs/demo", {"engine": {"images": 8}, "plan": {"fmt": "fp16"}})
+>>> f.run, f.images, f.fmt, f.certify
+('runs/demo', 8, 'fp16', False)
 """
 
 from __future__ import annotations
