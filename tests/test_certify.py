@@ -221,6 +221,8 @@ def test_campaign_certify_classifies_as_simulation(tmp_path):
     a = cli.invoke(app, ["campaign", "run", str(run), *args, "--certify"])
     b = cli.invoke(app, ["campaign", "run", str(other), *args])
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert 0 < json.loads(a.stdout)["certified_pairs"] < 1
+    assert json.loads(b.stdout)["certified_pairs"] is None
     from flipguard.campaign.store import CampaignStore
 
     with CampaignStore(run / "campaign.sqlite") as s1, \

@@ -199,6 +199,9 @@ def run_cmd(run: Path = typer.Argument(..., help="Run directory."),
         return print_json(summary.to_dict())
     console.print(f"ran [bold]{summary.ran:,}[/] faults; {summary.done:,}/{summary.planned:,} "
                   f"done")
+    if summary.certified_pairs is not None:
+        console.print(f"certified: {100 * summary.certified_pairs:.1f} % of the (fault, image) "
+                      f"pairs (decision proven, not simulated)")
 
 
 @app.command("status")

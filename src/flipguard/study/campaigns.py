@@ -85,6 +85,8 @@ class RunSummary:
     seconds: float
     rate: float
     rounds: int = 0
+    certified_pairs: float | None = None
+    """With --certify: the share of (fault, image) pairs of the store not simulated."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,9 +221,20 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
             if not added:
                 break
         c = store.counts()
+        share = _certified_share(store) if opts.certify else None
     dt = time.perf_counter() - t0
     return RunSummary(ran, c["planned"], c["done"], dt, ran / dt if dt > 0 else float("nan"),
-                      rounds)
+                      rounds, share)
+
+
+def _certified_share(store: CampaignStore) -> float | None:
+    """Share of the (fault, image) pairs of the executed faults that were certified."""
+    cert = total = 0
+    for _, out in store.results():
+        n = int(out.get("n_certified") or 0)
+        cert += n
+        total += n + int(out.get("n_images") or 0)
+    return cert / total if total else None
 
 
 def campaign_status(run_or_store: str | Path) -> StatusSummary:
