@@ -1,6 +1,6 @@
 # flipguard — two commands do all the set-up: `make demo` and `make test`.
-# Installs come from requirements.txt (exact versions, resolved with uv for CPython 3.11 on
-# x86-64 Linux); `make lock` refreshes it deliberately. torch is installed first from $(TORCH)
+# Installs come from pylock.toml (the PEP 751 lock file: exact versions and hashes, resolved
+# with uv for CPython 3.11 on x86-64 Linux); `make lock` refreshes it deliberately. torch is installed first from $(TORCH)
 # (the CPU build), so no CUDA packages are pulled in.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -16,9 +16,9 @@ UVPIP := $(UV) pip install --quiet --python $(BIN)/python
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml requirements.txt
+$(STAMP): $(BIN)/python pyproject.toml pylock.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)" "uv==$(UV_VERSION)"
-	$(UVPIP) -r requirements.txt
+	$(UVPIP) -r pylock.toml
 	$(UVPIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -49,7 +49,7 @@ lock: $(BIN)/python
 	$(UV) pip compile pyproject.toml --extra dev --extra ray --extra nas --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
 	  --override $(VENV)/torch-override.txt --no-emit-package torch \
-	  --custom-compile-command "make lock" -o requirements.txt
+	  --custom-compile-command "make lock" -o pylock.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
