@@ -23,13 +23,6 @@ import numpy as np
 from flipguard.campaign.store import CampaignStore
 from flipguard.inject import Outcome
 
-KEYS = ("flips_to_anomalous", "flips_to_normal", "mismatches", "accuracy", "f1")
-
-
-def same_decisions(a: Outcome, b: Outcome) -> bool:
-    """Identical decision facts (what decision criteria read)."""
-    return a.nonfinite == b.nonfinite and all(getattr(a, k) == getattr(b, k) for k in KEYS)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,7 +43,7 @@ def main() -> None:
     for fid in common:
         (pf, o_ref), (pf2, o) = ref[fid], cer[fid]
         assert pf.fault == pf2.fault, f"fault {fid} differs: not the same plan and seed"
-        same = same_decisions(o, o_ref)
+        same = o.same_decisions(o_ref)
         if not same:
             mismatched.append(fid)
         share = o.n_certified / n_images

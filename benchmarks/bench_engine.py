@@ -49,8 +49,6 @@ from flipguard.models import CAEConfig, build_cae  # noqa: E402
 
 CONV = (nn.Conv2d, nn.ConvTranspose2d)
 PHASES = ("pytorchfi", "naive", "naive-heap", "flipguard", "certify")
-DECISION_KEYS = ("flips_to_anomalous", "flips_to_normal", "accuracy", "f1", "mismatches",
-                 "nonfinite_outputs", "nonfinite_scores")
 
 
 def setup(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, DetectionTask]:
@@ -237,7 +235,7 @@ def _same(a: dict[str, Any], b: dict[str, Any], decisions: bool) -> bool:
     """Identical outcomes, or with ``decisions`` identical decision fields."""
     if not decisions:
         return a == b
-    return all(a.get(k) == b.get(k) for k in DECISION_KEYS)
+    return Outcome.from_dict(a).same_decisions(Outcome.from_dict(b))
 
 
 def _vmhwm_mb() -> float:

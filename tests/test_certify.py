@@ -122,7 +122,7 @@ def _check(name: str, fmt: str, n: int, inflate: float = 1.0,
         fast.certifier.levels = levels
     sim = Engine(net, x, task, fmt=fmt, batch_size=16)
     got, ref = fast.run(faults), sim.run(faults)
-    unsound = sum(1 for a, b in zip(got, ref, strict=True) if not _same_decisions(a, b))
+    unsound = sum(1 for a, b in zip(got, ref, strict=True) if not a.same_decisions(b))
     for a, b in zip(got, ref, strict=True):
         if not a.n_certified:
             assert a == b  # simulated exactly as without certification
@@ -130,10 +130,6 @@ def _check(name: str, fmt: str, n: int, inflate: float = 1.0,
             assert a.n_images + a.n_certified == b.n_images
     return sum(a.n_certified for a in got) // len(x), unsound
 
-
-def _same_decisions(a: Outcome, b: Outcome) -> bool:
-    keys = ("flips_to_anomalous", "flips_to_normal", "mismatches", "accuracy", "f1")
-    return a.nonfinite == b.nonfinite and all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 CASES = [("cnn", "fp32"), ("cnn", "fp16"), ("cnn", "bf16"), ("cnn", "int8"), ("mlp", "fp32"),
@@ -234,7 +230,7 @@ def test_campaign_certify_classifies_as_simulation(tmp_path):
     assert sum(o.n_certified for o in r1.values()) > 0
     assert len(list((run / "certificates").glob("*.npz"))) == 1  # computed once, then loaded
     for k, o in r1.items():
-        assert _same_decisions(o, r2[k])
+        assert o.same_decisions(r2[k])
         if not o.n_certified:
             assert o == r2[k]
     keys = ("n", "N", "critical", "cfr", "ci", "non_finite")

@@ -37,7 +37,7 @@ def test_engine_on_cuda_is_bit_identical_to_naive_on_cuda():
 
 
 def test_certified_outcomes_on_cuda_keep_every_decision():
-    from test_certify import _case, _same_decisions
+    from test_certify import _case
     from test_certify import _faults as cert_faults
 
     net, x, task = _case("cnn")
@@ -46,4 +46,4 @@ def test_certified_outcomes_on_cuda_keep_every_decision():
     sim = Engine(net, x, task, device="cuda", batch_size=16)
     got, ref = fast.run(faults), sim.run(faults)
     assert sum(o.n_certified for o in got) > 0
-    assert all(_same_decisions(a, b) for a, b in zip(got, ref, strict=True))
+    assert all(a.same_decisions(b) for a, b in zip(got, ref, strict=True))

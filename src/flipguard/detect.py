@@ -11,7 +11,6 @@ the batch are unaffected.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -190,8 +189,7 @@ class Scorer:
             s_lo, s_hi = fn(x, lo, hi)
             m_lo, m_hi = 1.0 - s_hi, 1.0 - s_lo
         if c.smooth_sigma > 0:
-            size = 2 * math.ceil(4.0 * c.smooth_sigma) + 1
-            m_lo, m_hi = blur_interval(m_lo, m_hi, size, c.smooth_sigma)
+            m_lo, m_hi = blur_interval(m_lo, m_hi, c.smooth_sigma)
         if c.standardize:
             mu, sd = (t.to(torch.float64) for t in self._standardize_stats(m_lo))
             m_lo, m_hi = (m_lo - mu) / sd, (m_hi - mu) / sd

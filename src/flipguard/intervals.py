@@ -18,9 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flipguard.ssim import C1, C2, GMS_C, _band_matrix
+from flipguard.ssim import C1, C2, GMS_C, _sep_filter, gaussian_blur
 
-__all__ = ["Pair", "square", "mul", "div", "linear", "blur_interval", "ssim_interval",
+__all__ = ["Pair", "square", "mul", "div", "blur_interval", "ssim_interval",
            "gms_interval", "msgms_interval"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -61,40 +61,25 @@ def div(a: Pair, b: Pair) -> Pair:
     return torch.where(ok, lo, -inf), torch.where(ok, hi, inf)
 
 
-def linear(fn, lo: torch.Tensor, hi: torch.Tensor, abs_fn=None) -> Pair:  # noqa: ANN001
-    """Interval through a linear map ``fn`` (centre-radius form; ``abs_fn`` is the same map
-    with absolute weights, default ``fn`` itself for maps with non-negative weights).
-
-    >>> linear(lambda v: -v, torch.tensor([1.0]), torch.tensor([3.0]), lambda v: v)
-    (tensor([-3.]), tensor([-1.]))
-    """
-    c, r = fn((lo + hi) / 2), (abs_fn or fn)((hi - lo) / 2)
-    return c - r, c + r
-
-
-def blur_interval(lo: torch.Tensor, hi: torch.Tensor, size: int, sigma: float) -> Pair:
-    """:func:`flipguard.ssim.gaussian_blur` / ``_sep_filter`` of an interval (non-negative
-    weights: the bounds are filtered separately)."""
-    h, w = lo.shape[-2:]
-    mh = _band_matrix(h, size, sigma).to(dtype=lo.dtype, device=lo.device)
-    mw = mh if w == h else _band_matrix(w, size, sigma).to(dtype=lo.dtype, device=lo.device)
-    return mh @ lo @ mw.T, mh @ hi @ mw.T
+def blur_interval(lo: torch.Tensor, hi: torch.Tensor, sigma: float) -> Pair:
+    """:func:`flipguard.ssim.gaussian_blur` of an interval (non-negative weights: the bounds
+    are blurred separately)."""
+    return gaussian_blur(lo, sigma), gaussian_blur(hi, sigma)
 
 
 def ssim_interval(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, window_size: int = 11,
                   sigma: float = 1.5, c1: float = C1, c2: float = C2) -> Pair:
     """Interval of :func:`flipguard.ssim.ssim_map` ``(x, y)`` over ``y`` in ``[lo, hi]``."""
-    c = x.shape[1]
+    def filt(t: torch.Tensor) -> torch.Tensor:  # the SSIM window: non-negative weights
+        return _sep_filter(t, window_size, sigma)
 
-    def filt(t: torch.Tensor) -> torch.Tensor:
-        return blur_interval(t, t, window_size, sigma)[0]
+    def filt2(pair: Pair) -> Pair:
+        return filt(pair[0]), filt(pair[1])
 
     mu_x, e_xx = filt(x), filt(x * x)
-    mu_y = blur_interval(lo, hi, window_size, sigma)
-    yy = square(lo, hi)
-    e_yy = blur_interval(*yy, window_size, sigma)
-    xy = mul((x, x), (lo, hi))
-    e_xy = blur_interval(*xy, window_size, sigma)
+    mu_y = filt2((lo, hi))
+    e_yy = filt2(square(lo, hi))
+    e_xy = filt2(mul((x, x), (lo, hi)))
     mu_yy = square(*mu_y)
     mu_xy = mul((mu_x, mu_x), mu_y)
     var_x = e_xx - mu_x * mu_x
@@ -104,8 +89,7 @@ def ssim_interval(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, window_si
     den = mul((mu_x * mu_x + mu_yy[0] + c1, mu_x * mu_x + mu_yy[1] + c1),
               (var_x + var_y[0] + c2, var_x + var_y[1] + c2))
     q_lo, q_hi = div(num, den)
-    return q_lo.view(x.shape[0], c, *x.shape[2:]).mean(1, keepdim=True), \
-        q_hi.view(x.shape[0], c, *x.shape[2:]).mean(1, keepdim=True)
+    return q_lo.mean(1, keepdim=True), q_hi.mean(1, keepdim=True)
 
 
 def _prewitt(t: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,10 +109,9 @@ def fan_in(m: nn.Module) -> int:
     w = m.weight
     if isinstance(m, nn.Linear):
         return int(w.shape[1])
-    per = int(w[0].numel()) if not isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d
-                                               | nn.ConvTranspose3d) else int(
-        w.shape[0] // m.groups * w[0, 0].numel())
-    return per
+    if isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        return int(w.shape[0] // m.groups * w[0, 0].numel())  # (in, out / groups, *k)
+    return int(w[0].numel())
 
 
 def layer_rounding(m: nn.Module, z_in: Tensor, r_in: Tensor) -> Tensor:

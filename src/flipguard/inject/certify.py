@@ -55,7 +55,13 @@ from flipguard.inject.bounds import (
     propagate,
     ulp_rounding,
 )
-from flipguard.inject.tasks import ClassificationTask, DetectionTask, Task, ToleranceTask
+from flipguard.inject.tasks import (
+    ClassificationTask,
+    DetectionTask,
+    Task,
+    ToleranceTask,
+    logit_gap,
+)
 
 __all__ = ["Certifier", "LayerCertificate", "SLACK"]
 
@@ -173,11 +179,10 @@ class Certifier:
         eng = self.engine
         prog = eng.program
         if self.reason is not None:
-            return LayerCertificate(np.zeros((0, eng.n), np.float32), reason=self.reason)
+            return _nothing(0, eng.n, self.reason)
         m = eng.model.get_submodule(layer)
         if not isinstance(m, _LINEAR) or layer not in prog.calls:
-            return LayerCertificate(np.zeros((0, eng.n), np.float32),
-                                    reason=f"{type(m).__name__} is not certified")
+            return _nothing(0, eng.n, f"{type(m).__name__} is not certified")
         p = prog.calls[layer]
         node = prog.nodes[p]
         n_out = int(m.weight.shape[0] if not isinstance(m, _CONVT)
@@ -204,16 +209,13 @@ class Certifier:
                 T[:, a:b] = best
                 share = float((best > floor).mean())
                 if a == 0 and share < self.min_share:
-                    return LayerCertificate(np.zeros((n_out, eng.n), np.float32),
-                                            reason="bound too loose", images=b)
+                    return _nothing(n_out, eng.n, "bound too loose", b)
+                n_faults = (self.faults or {}).get(layer, 0)
                 if a == 0 and self.faults is not None and \
-                        self.faults.get(layer, 0) * share < (n_out + 1) * len(self.levels):
-                    return LayerCertificate(np.zeros((n_out, eng.n), np.float32), images=b,
-                                            reason=f"not worth it for "
-                                                   f"{self.faults.get(layer, 0)} faults")
+                        n_faults * share < (n_out + 1) * len(self.levels):
+                    return _nothing(n_out, eng.n, f"not worth it for {n_faults} faults", b)
         except Unsupported as exc:
-            return LayerCertificate(np.zeros((n_out, eng.n), np.float32),
-                                    reason=f"unsupported: {exc}")
+            return _nothing(n_out, eng.n, f"unsupported: {exc}")
         T[~np.isfinite(T)] = 0.0
         return LayerCertificate(T, images=eng.n)
 
@@ -302,6 +304,12 @@ class Certifier:
                 for k, v in self._tables.items()}
 
 
+def _nothing(n_out: int, n_images: int, reason: str, images: int = 0) -> LayerCertificate:
+    """A certificate that certifies nothing, and why."""
+    return LayerCertificate(np.zeros((n_out, n_images), np.float32), reason=reason,
+                            images=images)
+
+
 def _repeat(d: dict, B: int, g: int) -> dict:
     """Tensors of ``d`` with batch ``B`` repeated ``g`` times along the batch."""
     return {k: v.repeat(g, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) and v.dim()
@@ -319,12 +327,8 @@ def _task_reason(task: Task) -> str | None:
 def _task_radius(task: Task, x: Tensor, y: Tensor, facts: np.ndarray) -> np.ndarray:
     """Per image: the largest uniform output change keeping its decision (before safety)."""
     if isinstance(task, ClassificationTask):
-        top = y.double().topk(2, dim=1).values if y.shape[1] > 1 else None
-        if top is None:
-            return np.full(y.shape[0], np.inf)
-        gap = (top[:, 0] - top[:, 1]).cpu().numpy()
-        gap = gap - SLACK * np.abs(top[:, 0].cpu().numpy())
-        return np.maximum(gap / 2, 0.0)
+        top, gap = logit_gap(y)
+        return np.maximum((gap - SLACK * np.abs(top)) / 2, 0.0)
     if isinstance(task, ToleranceTask):
         allow = (task.atol + task.rtol * y.double().abs()).flatten(1)
         return np.maximum(allow.amin(1).cpu().numpy() * (1 - SLACK), 0.0)

@@ -43,7 +43,7 @@ from flipguard.inject.injector import (
     working_copy,
 )
 from flipguard.inject.outcomes import Criterion, Golden, Outcome, parse_criterion
-from flipguard.inject.tasks import Task, fill_masked
+from flipguard.inject.tasks import Task, fill_masked, logit_gap
 
 __all__ = ["Engine", "evaluate_faults"]
 
@@ -177,8 +177,10 @@ class Engine:
         """Why faults run as full forwards (None when the graph path is used)."""
         return self.prepare()._fallback_reason
 
-    def _x(self, a: int, b: int) -> Tensor:
-        return pad_rows(self.inputs[a:b].to(self.device, copy=True), self.bs)
+    def _x(self, rows: slice | np.ndarray) -> Tensor:
+        """Inputs ``rows`` (a slice or image indices) on the device, padded to the batch."""
+        idx = rows if isinstance(rows, slice) else torch.as_tensor(rows)
+        return pad_rows(self.inputs[idx].to(self.device, copy=True), self.bs)
 
     def _fresh(self, env: dict[Any, Tensor]) -> dict[Any, Tensor]:
         """``env`` with private copies of values the graph changes in place."""
@@ -200,7 +202,7 @@ class Engine:
         facts, bad_rows = [], []
         for a in range(0, n, bs):
             b = min(a + bs, n)
-            x = self._x(a, b)
+            x = self._x(slice(a, b))
             y = self.model(x)
             if not isinstance(y, Tensor) or y.shape[0] != bs:
                 raise ConfigError("model: expected a single batched tensor output")
@@ -428,8 +430,7 @@ class Engine:
                 by_layer.setdefault(it.fault.layer, []).append(it)
                 continue
             with inject(self.model, it.fault, self._format(it.fault)):
-                y = self.model(pad_rows(self.inputs[torch.as_tensor(images)].to(
-                    self.device, copy=True), bs))[:r]
+                y = self.model(self._x(images))[:r]
             keep = ~same_rows(y, golden_out)
             rows = Rows({pipe.out_key: y}, np.full(r, it.slot), images)
             pipe.push(pipe.end, rows.select(keep) if not bool(keep.all()) else rows)
@@ -478,9 +479,8 @@ def _margin_order(task: Task, golden: Golden, outputs: Tensor) -> np.ndarray:
     facts = np.asarray(golden.facts, dtype=np.float64)
     if task.kind == "detection":
         margin = np.abs(facts - float(golden.threshold or 0.0))
-    elif task.kind == "classification" and outputs.dim() == 2 and outputs.shape[1] > 1:
-        top = outputs.double().topk(2, dim=1).values
-        margin = (top[:, 0] - top[:, 1]).numpy()
+    elif task.kind == "classification" and outputs.dim() == 2:
+        margin = logit_gap(outputs)[1]
     else:
         return np.arange(len(facts))
     return np.argsort(margin, kind="stable")

@@ -26,11 +26,13 @@ from flipguard.errors import ConfigError
 from flipguard.metrics import image_auroc
 
 __all__ = ["Outcome", "Golden", "Criterion", "parse_criterion", "classify", "CLASSES",
-           "CRITICAL", "as_arrow", "register_criterion"]
+           "CRITICAL", "DECISION_FIELDS", "as_arrow", "register_criterion"]
 
 CLASSES = ("masked", "sdc-benign", "sdc-critical", "non-finite")
 CRITICAL = ("sdc-critical", "non-finite")
 """The classes that count as critical failures (CFR numerator)."""
+DECISION_FIELDS = ("flips_to_anomalous", "flips_to_normal", "mismatches", "accuracy", "f1")
+"""Outcome fields fixed by the images' decisions alone (see :meth:`Outcome.same_decisions`)."""
 
 
 @dataclass
@@ -67,6 +69,17 @@ class Outcome:
     auroc: float | None = None
     max_abs_dscore: float | None = None
     mismatches: int | None = None
+
+    def same_decisions(self, other: Outcome) -> bool:
+        """Whether ``other`` has the same decision facts (:data:`DECISION_FIELDS` and
+        non-finite), what decision criteria read: a certified outcome against the
+        simulated one.
+
+        >>> Outcome(n_certified=3, accuracy=0.5).same_decisions(Outcome(accuracy=0.5))
+        True
+        """
+        return self.nonfinite == other.nonfinite and all(
+            getattr(self, k) == getattr(other, k) for k in DECISION_FIELDS)
 
     @property
     def certified(self) -> bool:

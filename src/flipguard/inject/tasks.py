@@ -210,6 +210,20 @@ class ToleranceTask(Task):
         return {"mismatches": wrong, "accuracy": float((n - wrong) / n) if n else None}
 
 
+def logit_gap(outputs: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of logits (N, classes): the top-1 logit and its gap to the runner-up (inf
+    with a single class), float64.
+
+    >>> logit_gap(torch.tensor([[2.0, 0.5, 1.0]]))[1].tolist()
+    [1.0]
+    """
+    y = outputs.detach().double().cpu()
+    if y.shape[1] < 2:
+        return y[:, 0].numpy(), np.full(y.shape[0], np.inf)
+    top = y.topk(2, dim=1).values
+    return top[:, 0].numpy(), (top[:, 0] - top[:, 1]).numpy()
+
+
 def fill_masked(golden: Golden, task: Task) -> Outcome:
     """Outcome fields of a fault whose outputs all equal golden (metrics = golden)."""
     assert golden.facts is not None
