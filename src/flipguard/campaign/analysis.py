@@ -24,11 +24,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from flipguard.campaign.certified import check_judged
 from flipguard.campaign.classify import classify_store, open_store
 from flipguard.campaign.plan_types import UNIFORM, Sampling, sampling_type
 from flipguard.campaign.planner import PlannedFault, PlannedStratum
 from flipguard.campaign.stats import DEFAULT_METHOD, METHODS, check_confidence
 from flipguard.campaign.store import CampaignStore
+from flipguard.campaign.substrata import CERTIFIED
 from flipguard.errors import ConfigError
 from flipguard.faults import get_format
 from flipguard.inject import CLASSES, CRITICAL
@@ -145,8 +147,11 @@ def cfr_table(run_or_store: Any, by: str | Sequence[str] = ("layer",),
     try:
         plan = store.definition.get("plan", {})
         conf = float(confidence if confidence is not None else plan.get("confidence", 0.99))
+        strata = store.strata()
+        if any(s.crit == CERTIFIED for s in strata):
+            check_judged(plan.get("criterion", "accuracy-drop:0.01"), criterion)
         records = (classify or classify_store)(store, criterion)
-        return cfr_rows(store.strata(), records, by, conf, method, plan.get("fmt", "fp32"),
+        return cfr_rows(strata, records, by, conf, method, plan.get("fmt", "fp32"),
                         sampling_type(plan.get("sampling", "uniform")))
     finally:
         if opened:

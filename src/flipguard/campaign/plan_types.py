@@ -20,6 +20,7 @@ from flipguard.campaign.planner import Plan, PlanConfig, PlannedStratum, make_pl
 from flipguard.campaign.refine import refine_uniform
 from flipguard.campaign.stats import Estimate, stratified
 from flipguard.campaign.stratified import refine_stratified, stratify_plan, substrata_estimate
+from flipguard.campaign.substrata import CERTIFIED
 from flipguard.errors import ConfigError
 
 __all__ = ["SAMPLING_TYPES", "STRATIFIED", "UNIFORM", "Sampling", "sampling_type"]
@@ -82,7 +83,8 @@ class StratifiedSampling:
                  classes: Sequence[str], confidence: float, method: str) -> Estimate:
         e = substrata_estimate(cells, per, first, classes, confidence, rounds)
         total = sum(N for _, N in cells)
-        unc = sum(N for s, N in cells if not sum(per[s.key].values())) / total if total else 0.0
+        unc = sum(N for s, N in cells if getattr(s, "crit", None) != CERTIFIED
+                  and not sum(per[s.key].values())) / total if total else 0.0
         return Estimate(e.p, e.var, e.margin, e.ci, e.n, e.k, e.N, e.n_eff, unc)
 
 

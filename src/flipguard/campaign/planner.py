@@ -72,7 +72,9 @@ class PlanConfig:
     ``user_strata`` (a list of ``{"layer", "target", "bit", "bits", "kernel", "n"}`` objects)
     replaces ``strata`` when given. ``t``: ``"exact"`` normal quantile or ``"table"`` (two
     decimals, 2.58 at 99 %); ``stuck_at``: ``"all"`` (both stuck values, the no-op half
-    included) or ``"effective"`` (only faults that change the stored bit).
+    included) or ``"effective"`` (only faults that change the stored bit);
+    ``exclude_certified`` (stratified only): faults proven to change no decision form an
+    exactly known sub-stratum and are never drawn (:mod:`flipguard.campaign.certified`).
 
     >>> PlanConfig(strata="bit,layer", p="0.5").strata
     'layer,bit'
@@ -95,6 +97,7 @@ class PlanConfig:
     criterion: str = "accuracy-drop:0.01"
     t: str = "exact"
     stuck_at: str = "all"
+    exclude_certified: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -134,6 +137,9 @@ class PlanConfig:
         if self.sampling == "stratified" and (self.t, self.stuck_at) != ("exact", "all"):
             raise ConfigError("sampling: 'stratified' supports only --t exact and "
                               "--stuck-at all")
+        if self.exclude_certified and self.sampling != "stratified":
+            raise ConfigError("exclude-certified: certified faults form a sub-stratum of "
+                              "criticality-stratified plans; use --sampling stratified")
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -157,7 +163,8 @@ class PlanConfig:
             d[k] = None if d[k] is None else list(d[k])
         if self.sampling == "uniform":  # uniform plans keep their digests
             del d["sampling"], d["criterion"]
-        for k, default in (("t", "exact"), ("stuck_at", "all")):  # so do the defaults
+        for k, default in (("t", "exact"), ("stuck_at", "all"),
+                           ("exclude_certified", False)):  # so do the defaults
             if d[k] == default:
                 del d[k]
         return d

@@ -107,7 +107,7 @@ def bounds(k: np.ndarray, n: np.ndarray, R: np.ndarray, confidence: float,
     (FPC through the effective size ``n (R - 1) / (R - n)``, exact when ``n >= R``), widened
     to contain ``k / n``; ``k`` may be fractional (planning)."""
     k, n, R = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (k, n, R)))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         ne = np.where(n >= R, np.inf, np.where(R > 1, n * (R - 1) / np.maximum(R - n, 1e-300),
                                                n))
     q = np.divide(k, n, out=np.zeros_like(k), where=n > 0)

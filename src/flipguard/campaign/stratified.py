@@ -28,9 +28,11 @@ from flipguard.campaign.planner import Plan, PlanConfig, PlannedFault, PlannedSt
 from flipguard.campaign.sequential import History, sequential_estimate
 from flipguard.campaign.stats import Estimate, t_value
 from flipguard.campaign.substrata import (
+    CERTIFIED,
     CLASS_LABELS,
-    CLASS_PRIORS,
     allocate,
+    class_label,
+    class_prior,
     draw,
     plan_rates,
     substratum_key,
@@ -90,33 +92,45 @@ class StratifiedPlan(Plan):
             subs = by_parent.get(par.key, [])
             N = [s.N for s in subs]
             n0 = [s.n for s in subs]
-            more = allocate(N, [s.p for s in subs], cfg.error, cfg.confidence, AUDIT, n0=n0)
+            known = [s.N if s.crit == CERTIFIED else s.n for s in subs]  # census: exact
+            more = allocate(N, [s.p for s in subs], cfg.error, cfg.confidence, AUDIT, n0=known)
             rows.append({"key": par.key, "N": par.N, "uniform_n": par.n,
                          "stratified_n": int(sum(n0) + more.sum()),
-                         "classes": {predictor_labels(self.predictor)[s.crit]: s.N for s in subs}})
+                         "certified": sum(s.N for s in subs if s.crit == CERTIFIED),
+                         "classes": {class_label(predictor_labels(self.predictor), s.crit): s.N
+                                     for s in subs}})
         d.update(sampling="stratified", parents=rows,
                  uniform_total=sum(r["uniform_n"] for r in rows),
-                 predicted_total=sum(r["stratified_n"] for r in rows))
+                 predicted_total=sum(r["stratified_n"] for r in rows),
+                 certified_total=sum(r["certified"] for r in rows))
         return d
 
 
 def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
-    """Split every stratum of ``plan`` into criticality sub-strata (``n`` = the audit)."""
+    """Split every stratum of ``plan`` into criticality sub-strata (``n`` = the audit).
+
+    A predictor with a ``certified(layer, target, index, bit, kind)`` method (bool per fault,
+    e.g. :class:`flipguard.campaign.certified.CertifiedPredictor`) moves the faults it proves
+    harmless into the :data:`~flipguard.campaign.substrata.CERTIFIED` sub-stratum: known
+    exactly, never drawn, so only each stratum's uncertified remainder is sampled."""
     if predictor is None:
         raise ConfigError("sampling: 'stratified' needs a run directory (the predictor "
                           "evaluates the run's images)")
     assert plan.space is not None
     subs: list[PlannedStratum] = []
     classes: dict[str, np.ndarray] = {}
+    certified = getattr(predictor, "certified", None)
     for s in plan.strata:
         cls = predictor.classes(s.layer, s.bit, s.kernel, s.bits, s.target, s.kinds)
-        classes[s.key] = cls
         K, nb = len(s.kinds), len(s.bit_list)
         elem, rest = np.divmod(np.arange(cls.size), nb * K)
         index = (elem if s.kernel is None else
                  plan.space.layer(s.layer, s.target).kernel_elements(s.kernel, elem))
         kern = np.asarray(plan.space.layer(s.layer, s.target).kernel_of(index), np.int64)
         bit = np.asarray(s.bit_list, np.int64)[rest // K]
+        if certified is not None:
+            cls = _with_certified(cls, certified, s, index, bit, rest % K)
+        classes[s.key] = cls
         nk = int(kern.max()) + 1 if kern.size else 1
         code = ((cls.astype(np.int64) * K + rest % K) * 64 + bit) * nk + kern
         uniq, cnt = np.unique(code, return_counts=True)
@@ -127,9 +141,22 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
             N = int(cnt[sel].sum())
             subs.append(PlannedStratum(
                 substratum_key(s.key, h), s.layer, s.target, s.bit, s.bits, s.kernel, N, N,
-                min(N, AUDIT), CLASS_PRIORS[h], s.bit_list, s.elements, s.kernel_numel,
-                s.kinds, crit=h, parent=s.key, counts=rows))
+                0 if h == CERTIFIED else min(N, AUDIT), class_prior(h), s.bit_list,
+                s.elements, s.kernel_numel, s.kinds, crit=h, parent=s.key, counts=rows))
     return StratifiedPlan(plan.config, subs, plan.space, predictor, list(plan.strata), classes)
+
+
+def _with_certified(cls: np.ndarray, certified: Any, s: PlannedStratum, index: np.ndarray,
+                    bit: np.ndarray, kind: np.ndarray) -> np.ndarray:
+    """``cls`` with the faults ``certified`` proves harmless set to ``CERTIFIED``."""
+    cls = np.asarray(cls).astype(np.uint8)
+    if (cls == CERTIFIED).any():
+        raise ConfigError(f"predictor: class {CERTIFIED} is reserved for certified faults")
+    sure = np.zeros(cls.size, bool)
+    for ki, name in enumerate(s.kinds):
+        sel = np.flatnonzero(kind == ki)
+        sure[sel] = np.asarray(certified(s.layer, s.target, index[sel], bit[sel], name), bool)
+    return np.where(sure, np.uint8(CERTIFIED), cls)
 
 
 def _observed(store: Any, criterion: str) -> dict[str, dict[int, list[int]]]:
@@ -178,11 +205,13 @@ def calibrated_priors(subs: Sequence[PlannedStratum], obs: dict[str, dict[int, l
     """
     pooled: dict[int, list[int]] = {}
     for sub in subs:
+        if sub.crit == CERTIFIED:  # known, not predicted
+            continue
         n0, k0 = obs.get(sub.key, {}).get(0, [0, 0])
         v = pooled.setdefault(int(sub.crit), [0, 0])
         v[0] += n0
         v[1] += k0
-    return {h: ((k + 0.5) / (n + 1.0) if n else CLASS_PRIORS[h], n, k)
+    return {h: ((k + 0.5) / (n + 1.0) if n else class_prior(h), n, k)
             for h, (n, k) in sorted(pooled.items())}
 
 
@@ -194,6 +223,7 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
     Returns the number of faults added (0 once every stratum is closed)."""
     config = PlanConfig.from_dict(store.definition["plan"])
     plan = stratify_plan(make_plan(model, config), predictor)
+    _check_same_substrata(plan, store)
     rounds = int(store.get_meta("rounds", 0))
     closed = set(store.get_meta("closed", []))
     if rounds > max_rounds:
@@ -207,8 +237,9 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
     for parent, subs in groups.items():
         if parent in closed:
             continue
-        hists = [history(s.N, obs.get(s.key, {}), s.p) for s in subs]
-        priors = [calib[int(s.crit)][0] for s in subs]
+        hists = [_known(s.N) if s.crit == CERTIFIED else history(s.N, obs.get(s.key, {}), s.p)
+                 for s in subs]
+        priors = [calib.get(int(s.crit), (0.0,))[0] for s in subs]
         N = np.array([h.N for h in hists])
         n0, k0 = np.array([h.n0 for h in hists]), np.array([h.k0 for h in hists])
         n, k = np.array([sum(h.n) for h in hists]), np.array([sum(h.k) for h in hists])
@@ -231,12 +262,30 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
                         for i, (kk, f, kern) in enumerate(drawn)]
     labels = predictor_labels(predictor)
     meta: dict[str, Any] = {"closed": sorted(closed), "calibration": {
-        labels[h]: {"prior": CLASS_PRIORS[h], "audited": n, "critical": k, "rate": p}
+        class_label(labels, h): {"prior": class_prior(h), "audited": n, "critical": k,
+                                 "rate": p}
         for h, (p, n, k) in calib.items()}}
     if new:
         meta["rounds"] = rounds + 1
     store.add_planned(new, meta=meta)
     return len(new)
+
+
+def _known(N: int) -> History:
+    """History of a certified sub-stratum (or cell): every fault known, none critical."""
+    return History(int(N), int(N), 0, fill=0.0)
+
+
+def _check_same_substrata(plan: StratifiedPlan, store: Any) -> None:
+    """Refuse to extend a store whose sub-strata the predictor (or its certificates) no
+    longer reproduces: the draws of later rounds would not match the store's."""
+    stored = {s.key: s.N for s in store.strata()}
+    now = {s.key: s.N for s in plan.strata}
+    if stored and stored != now:
+        bad = next(k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k))
+        raise ConfigError(f"{getattr(store, 'path', 'store')}: sub-stratum {bad!r} has "
+                          f"{stored.get(bad, 0)} faults in the store but {now.get(bad, 0)} "
+                          f"now: the predictor or certificates changed since the plan")
 
 
 def substrata_estimate(cells: Sequence[tuple[Any, int]], per: dict, first: dict,
@@ -251,6 +300,9 @@ def substrata_estimate(cells: Sequence[tuple[Any, int]], per: dict, first: dict,
     ``n_eff`` the size whose binomial variance matches the margin."""
     out = []
     for s, N in cells:
+        if getattr(s, "crit", None) == CERTIFIED:
+            out.append(_known(N))
+            continue
         if rounds is not None:
             out.append(history(N, rounds.get(s.key, {}), s.p, classes))
             continue

@@ -52,9 +52,28 @@ CLASS_LABELS = ("harmless", "low", "borderline", "critical", "extreme")
 """Predicted criticality classes of stratified sampling, least to most critical."""
 CLASS_PRIORS = (0.002, 0.02, 0.2, 0.6, 0.95)
 """Prior critical rate of each class (used to plan the audit and before data)."""
+CERTIFIED = len(CLASS_LABELS)
+"""Class of the faults a certifier proves to change no decision
+(:meth:`flipguard.inject.certify.Certifier.certified_sites`): their sub-stratum is known
+exactly (rate 0, never simulated), so only the uncertified remainder is sampled."""
 
-__all__ = ["CLASS_LABELS", "CLASS_PRIORS", "Cell", "StratEstimate", "StratifiedResult",
-           "allocate", "cell_interval", "draw",
+
+def class_label(labels: Sequence[str], h: int) -> str:
+    """Label of class ``h`` (``"certified"`` for :data:`CERTIFIED`).
+
+    >>> class_label(CLASS_LABELS, CERTIFIED), class_label(CLASS_LABELS, 0)
+    ('certified', 'harmless')
+    """
+    return "certified" if int(h) == CERTIFIED else labels[int(h)]
+
+
+def class_prior(h: int) -> float:
+    """Prior critical rate of class ``h`` (0 for :data:`CERTIFIED`: known, not a prior)."""
+    return 0.0 if int(h) == CERTIFIED else CLASS_PRIORS[int(h)]
+
+
+__all__ = ["CERTIFIED", "CLASS_LABELS", "CLASS_PRIORS", "Cell", "StratEstimate",
+           "StratifiedResult", "allocate", "cell_interval", "class_label", "class_prior", "draw",
            "estimate", "neyman", "plan_rates", "predicted_margin", "run_stratified", "split_key",
            "sub_interval", "substratum_key", "substratum_rng"]
 

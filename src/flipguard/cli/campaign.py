@@ -54,6 +54,10 @@ class PlanOptions:
     t: str = option("exact", "--t", help="t of the sample-size formula: exact (normal "
                     "quantile) | table (two decimals as in published tables: 1.96 at 95 %, "
                     "2.58 at 99 %)")
+    exclude_certified: bool = option(False, "--exclude-certified", help="With --sampling "
+                                     "stratified: faults proven to change no decision are "
+                                     "counted exactly and never simulated; only the "
+                                     "uncertified remainder is sampled.")
     stuck_at: str = option("all", "--stuck-at", help="Stuck-at population: all (default; "
                            "includes the no-op half, bit already at the stuck value) | "
                            "effective (only faults that change the stored bit)")
@@ -76,7 +80,8 @@ class PlanOptions:
             rounding=self.rounding, layers=_split(self.layers),
             targets=_split(self.targets) or ("weight",), seed=self.seed, fmt=self.fmt,
             user_strata=None if user is None else tuple(user), sampling=self.sampling,
-            criterion=self.criterion, t=self.t, stuck_at=self.stuck_at)
+            criterion=self.criterion, t=self.t, stuck_at=self.stuck_at,
+            exclude_certified=self.exclude_certified)
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,11 @@ def plan(run: Path | None = typer.Argument(None, help="Run directory (or use --m
         console.print(f"simulations for e={cfg.error:g}: uniform [bold]{d['uniform_total']:,}"
                       f"[/], stratified [bold]{total:,}[/] predicted (audit {d['total']:,} now, "
                       f"the allocation after it; x{d['uniform_total'] / max(total, 1):.1f})")
+    if d.get("certified_total"):
+        console.print(f"certified, counted exactly and never simulated: "
+                      f"[bold]{d['certified_total']:,}[/] faults "
+                      f"({100 * d['certified_total'] / max(d['population'], 1):.2f} % of the "
+                      f"population)")
     console.print(f"population [bold]{d['population']:,}[/], planned [bold]{d['total']:,}[/] "
                   f"faults, estimated time [bold]{_fmt_s(summary.estimate_s)}[/] (one process)")
 

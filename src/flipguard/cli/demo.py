@@ -2,7 +2,8 @@
 
 It exercises every landed capability on the built-in synthetic dataset in a few minutes on 2
 CPU cores, through the same CLI verbs a user types: synth → train → evaluate → campaign plan
-and run → cfr per layer and per bit → the same campaign with certified outcomes → harden →
+and run → cfr per layer and per bit → the same campaign with certified outcomes, then
+stratified with the certified faults counted instead of sampled → harden →
 resiliency accuracy → report → SFI validated against exhaustive injection of the first layer
 → a user's own model as a run (``init``) → a two-object study with cross-object figures → a
 small architecture search."""
@@ -74,6 +75,14 @@ def run_demo(
         shutil.copy2(run_dir / name, cert_dir / name)
     _cli("campaign", "run", cert_dir, *opts, "--certify")
     _cli("cfr", cert_dir, "--by", "network")
+    console.print("[dim]criticality-stratified, the certified faults counted exactly and "
+                  "only the uncertified remainder sampled:[/dim]")
+    rem_dir = out / "run-remainder"
+    rem_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pt", "config.json", "metrics.json"):
+        shutil.copy2(run_dir / name, rem_dir / name)
+    _cli("campaign", "run", rem_dir, *opts, "--sampling", "stratified", "--exclude-certified")
+    _cli("cfr", rem_dir, "--by", "network")
     step("harden", "selective hardening under a 3 % memory budget, paired re-injection")
     _cli("harden", run_dir, "--budget", 0.03)
     if has_ra:

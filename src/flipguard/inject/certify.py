@@ -44,7 +44,7 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from flipguard.errors import ConfigError
-from flipguard.faults import Fault
+from flipguard.faults import Fault, apply_bits, bits_mask, kernel_of
 from flipguard.fileio import replacing
 from flipguard.inject.bounds import (
     _LINEAR,
@@ -55,6 +55,8 @@ from flipguard.inject.bounds import (
     propagate,
     ulp_rounding,
 )
+from flipguard.inject.injector import bound_format
+from flipguard.inject.outcomes import correct_images, parse_criterion
 from flipguard.inject.tasks import (
     ClassificationTask,
     DetectionTask,
@@ -67,6 +69,12 @@ __all__ = ["Certifier", "LayerCertificate", "SLACK"]
 
 SLACK = 2.0**-12
 """Scores within this relative distance of the threshold are never certified."""
+FINITE_CAP = 1e15
+"""An image whose every output stays below this magnitude keeps finite outputs and a finite
+score: the models compute in float32 (float16/bfloat16/INT8 weights are dequantised), and
+the scores square and sum such values over at most ~10^8 pixels, far below float32's 3.4e38
+(the score intervals themselves are computed in float64, so they alone prove nothing about
+float32 overflow)."""
 
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -74,12 +82,18 @@ _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 @dataclass
 class LayerCertificate:
     """``T[c, j]``: faults of output channel ``c`` with ``|dw| < T[c, j]`` keep image
-    ``j``'s decision."""
+    ``j``'s decision; ``F[c, j]``: with ``|dw| < F[c, j]`` image ``j``'s outputs provably
+    stay finite (its change is bounded, even where the bound cannot keep the decision)."""
 
     T: np.ndarray
     seconds: float = 0.0
     reason: str | None = None  # why nothing is certified (None: computed)
     images: int = 0
+    F: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.F is None:
+            self.F = self.T
 
 
 @dataclass
@@ -102,6 +116,7 @@ class Certifier:
     rounding: str = "ulp"
     faults: dict[str, int] | None = None
     _radius: np.ndarray | None = field(default=None, repr=False)
+    _finite: np.ndarray | None = field(default=None, repr=False)
     _tables: dict[str, LayerCertificate] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +143,17 @@ class Certifier:
                      for a in range(0, eng.n, 64)]
             self._radius = np.concatenate(parts) / self.safety
         return self._radius
+
+    def finite_radius(self) -> np.ndarray:
+        """Per image: the largest uniform change of every model output that provably keeps
+        its outputs and score finite (divided by ``safety``)."""
+        if self._finite is None:
+            eng = self.engine
+            outs = eng.golden_outputs
+            self._finite = np.concatenate(
+                [_finite_radius(eng.task, eng.inputs[a:a + 64], outs[a:a + 64])
+                 for a in range(0, eng.n, 64)]) / self.safety
+        return self._finite
 
     # -- per layer ------------------------------------------------------------------------
     def table(self, layer: str) -> np.ndarray:
@@ -164,16 +190,60 @@ class Certifier:
         mask = self.image_mask(fault, old, new)
         return mask is not None and bool(mask.all())
 
+    def certified_sites(self, layer: str, target: str, index: np.ndarray, bit: np.ndarray,
+                        kind: str = "flip", criterion: Any = None) -> np.ndarray:
+        """Vectorised :meth:`certifies` for single-bit faults ``kind`` at flat ``index`` and
+        ``bit`` (arrays) of ``layer``'s ``target`` in the engine's stored format: True where
+        the fault provably changes no image's decision (a fault leaving the stored value
+        unchanged is masked, so it counts too). With a ``criterion`` (text or
+        :class:`~flipguard.inject.outcomes.Criterion`): True where it provably is not
+        critical under it — every image it cannot certify keeps finite outputs and, all
+        assumed to flip, they cannot meet the criterion
+        (:meth:`~flipguard.inject.outcomes.Criterion.tolerates`)."""
+        index = np.asarray(index, np.int64)
+        bit = np.asarray(bit, np.int64)
+        out = np.zeros(index.shape, bool)
+        if self.reason is not None or target not in ("weight", "bias") or \
+                layer not in self.engine.program.calls or not index.size:
+            return out
+        cert = self.certificate(layer)
+        if not cert.T.size:
+            return out
+        m = self.engine.model.get_submodule(layer)
+        t = getattr(m, target).detach().reshape(-1).cpu()
+        fmt = self.engine.formats.get((layer, target), self.engine.fmt)
+        fmt = bound_format(m, target, getattr(m, target).detach().cpu(), fmt)
+        d = np.empty(index.shape)
+        for b in np.unique(bit).tolist():
+            sel = np.flatnonzero(bit == b)
+            idx = torch.as_tensor(index[sel])
+            old = t[idx]
+            new = apply_bits(old, bits_mask(b, fmt.bits), kind, fmt.select(idx))
+            d[sel] = (new.double() - old.double()).abs().numpy()
+        ch = np.asarray(kernel_of(m, target, index), np.int64)
+        with np.errstate(invalid="ignore"):
+            if criterion is None:
+                return (d == 0) | (np.isfinite(d) & (cert.T.min(1)[ch] > d))
+            crit = parse_criterion(criterion)
+            golden = self.engine.golden
+            correct = correct_images(golden)
+            if correct is None:
+                correct = np.ones(self.engine.n, bool)
+            for c in np.unique(ch).tolist():
+                sel = np.flatnonzero(ch == c)
+                order = np.argsort(cert.T[c], kind="stable")
+                sT = cert.T[c][order]
+                k = np.searchsorted(sT, np.nan_to_num(d[sel], nan=np.inf), side="right")
+                lost = np.concatenate([[0], np.cumsum(correct[order])])[k]
+                fmin = np.concatenate([[np.inf], np.minimum.accumulate(cert.F[c][order])])
+                finite = fmin[k] > d[sel]  # every uncertified image (the first k) bounded
+                out[sel] = (d[sel] == 0) | (np.isfinite(d[sel]) & finite &
+                                            crit.tolerates(golden, lost, k))
+        return out
+
     def _channel(self, f: Fault) -> int:
         m = self.engine.model.get_submodule(f.layer)
-        if f.target == "bias":
-            return int(f.index)
-        shape = tuple(m.weight.shape)
-        idx = np.unravel_index(int(f.index), shape)
-        if isinstance(m, _CONVT):
-            per_in = shape[0] // m.groups
-            return int(idx[0] // per_in * shape[1] + idx[1])
-        return int(idx[0])
+        return int(kernel_of(m, f.target, int(f.index)))
 
     def _compute(self, layer: str) -> LayerCertificate:
         eng = self.engine
@@ -188,8 +258,9 @@ class Certifier:
         n_out = int(m.weight.shape[0] if not isinstance(m, _CONVT)
                     else m.weight.shape[1] * m.groups)
         T = np.zeros((n_out, eng.n), np.float32)
+        Tf = np.zeros((n_out, eng.n), np.float32)
         floor = _smallest_change(m)
-        radius = self.radius()
+        radius, finite = self.radius(), self.finite_radius()
         scale = float(m.weight.detach().abs().max())
         if getattr(m, "bias", None) is not None:
             scale = max(scale, float(m.bias.detach().abs().max()))
@@ -202,11 +273,12 @@ class Certifier:
                 env = _envelope(m, x_in, z).clamp_min(1.0)
                 rnd = layer_rounding(m, x_in, torch.zeros_like(x_in)) \
                     if self.rounding == "worst-case" else ulp_rounding(z, torch.zeros_like(z))
-                best = np.zeros((n_out, b - a))
+                best, fin = np.zeros((n_out, b - a)), np.zeros((n_out, b - a))
                 for lvl in self.levels:
-                    best = np.maximum(best, self._level(prog, golden, p, m, z, env, rnd,
-                                                        lvl * scale, radius[a:b], n_out))
-                T[:, a:b] = best
+                    keep, bounded = self._level(prog, golden, p, m, z, env, rnd, lvl * scale,
+                                                radius[a:b], finite[a:b], n_out)
+                    best, fin = np.maximum(best, keep), np.maximum(fin, bounded)
+                T[:, a:b], Tf[:, a:b] = best, fin
                 share = float((best > floor).mean())
                 if a == 0 and share < self.min_share:
                     return _nothing(n_out, eng.n, "bound too loose", b)
@@ -217,13 +289,17 @@ class Certifier:
         except Unsupported as exc:
             return _nothing(n_out, eng.n, f"unsupported: {exc}")
         T[~np.isfinite(T)] = 0.0
-        return LayerCertificate(T, images=eng.n)
+        Tf[~np.isfinite(Tf)] = 0.0
+        return LayerCertificate(T, images=eng.n, F=np.maximum(Tf, T))
 
     def _level(self, prog: Any, golden: dict, p: int, m: nn.Module, z: Tensor, env: Tensor,
-               rnd: Tensor, t: float, radius: np.ndarray, n_out: int) -> np.ndarray:
-        """Per channel and image: the largest certified |dw| under cap ``t``. One pass with
-        the envelope on every channel fixes the slopes and bounds rounding for a fault of
-        any channel; one linear pass per channel then bounds that channel's change."""
+               rnd: Tensor, t: float, radius: np.ndarray, finite: np.ndarray, n_out: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel and image: the largest |dw| under cap ``t`` that provably keeps the
+        decision (within ``radius``), and the largest that keeps outputs and score finite
+        (within ``finite``). One pass with the envelope on every channel fixes the slopes
+        and bounds rounding for a fault of any channel; one linear pass per channel then
+        bounds that channel's change."""
         B = z.shape[0]
         last = isinstance(m, nn.Linear)
         e = env[..., 0] if last else env[:, 0]
@@ -235,7 +311,7 @@ class Certifier:
         assert R is not None
         Rj = R.reshape(B, -1).amax(1).double().cpu().numpy()
         G = max(1, self.rows // B)
-        out = np.zeros((n_out, B))
+        out, fin = np.zeros((n_out, B)), np.zeros((n_out, B))
         rep: dict[int, tuple[dict, dict]] = {}
         for c0 in range(0, n_out, G):
             cs = list(range(c0, min(c0 + G, n_out)))
@@ -248,17 +324,14 @@ class Certifier:
                 f0[(rows, Ellipsis, c) if last else (rows, c)] = t * e
             F, _ = propagate(prog, rep[g][0], p, f0, slopes=rep[g][1], rounding=False)
             Fj = F.reshape(g, B, -1).amax(2).double().cpu().numpy()
-            room = radius[None, :] - Rj[None, :]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                tc = np.where(Fj > 0, t * room / Fj, t)
-            ok = (room > 0) & np.isfinite(Fj) & np.isfinite(Rj)[None, :]
-            out[c0:c0 + g] = np.where(ok, np.minimum(tc, t), 0.0)
-        return out
+            out[c0:c0 + g] = _largest(t, radius, Fj, Rj)
+            fin[c0:c0 + g] = _largest(t, finite, Fj, Rj)
+        return out, fin
 
     def options(self) -> dict[str, Any]:
         """The options that change the certificates (for cache keys)."""
         return {"safety": self.safety, "levels": list(self.levels), "rounding": self.rounding,
-                "min_share": self.min_share, "slack": SLACK, "version": 1,
+                "min_share": self.min_share, "slack": SLACK, "version": 3,
                 "faults": None if self.faults is None else dict(sorted(self.faults.items()))}
 
     def compute_all(self) -> Certifier:
@@ -273,10 +346,12 @@ class Certifier:
         """Write the radii and every computed certificate (``.npz``, atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {"__radius__": self.radius()}
+        arrays: dict[str, np.ndarray] = {"__radius__": self.radius(),
+                                         "__finite__": self.finite_radius()}
         meta = {}
         for k, v in self._tables.items():
             arrays[f"T:{k}"] = v.T
+            arrays[f"F:{k}"] = v.F
             meta[k] = {"seconds": v.seconds, "reason": v.reason, "images": v.images}
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with replacing(path, ".npz") as tmp:
@@ -287,10 +362,12 @@ class Certifier:
         """Read certificates written by :meth:`save` for the same engine and options."""
         with np.load(path, allow_pickle=False) as d:
             self._radius = np.asarray(d["__radius__"])
+            self._finite = np.asarray(d["__finite__"])
             meta = json.loads(bytes(d["__meta__"]).decode())
             for k, v in meta.items():
                 self._tables[k] = LayerCertificate(np.asarray(d[f"T:{k}"]), v["seconds"],
-                                                   v["reason"], v["images"])
+                                                   v["reason"], v["images"],
+                                                   np.asarray(d[f"F:{k}"]))
         if self._radius.shape != (self.engine.n,):
             raise ConfigError(f"{path}: certificates for {self._radius.shape[0]} images, the "
                               f"engine evaluates {self.engine.n}")
@@ -302,6 +379,16 @@ class Certifier:
         return {k: {"seconds": round(v.seconds, 3), "images": v.images, "reason": v.reason,
                     "pairs_certifying": float((v.T > 0).mean()) if v.T.size else 0.0}
                 for k, v in self._tables.items()}
+
+
+def _largest(t: float, allowed: np.ndarray, Fj: np.ndarray, Rj: np.ndarray) -> np.ndarray:
+    """Per (channel, image): the largest ``|dw| <= t`` whose change bound (``Fj`` at ``t``,
+    linear in ``|dw|``, plus rounding ``Rj``) stays within ``allowed`` per image."""
+    room = allowed[None, :] - Rj[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tc = np.where(Fj > 0, t * room / Fj, t)
+    ok = (room > 0) & np.isfinite(Fj) & np.isfinite(Rj)[None, :]
+    return np.where(ok, np.minimum(tc, t), 0.0)
 
 
 def _nothing(n_out: int, n_images: int, reason: str, images: int = 0) -> LayerCertificate:
@@ -353,6 +440,30 @@ def _task_radius(task: Task, x: Tensor, y: Tensor, facts: np.ndarray) -> np.ndar
         good = ok(10.0 ** mid)
         lo_e, hi_e = np.where(good, mid, lo_e), np.where(good, hi_e, mid)
     return np.where(base & np.isfinite(s0), 10.0 ** lo_e, 0.0)
+
+
+def _finite_radius(task: Task, x: Tensor, y: Tensor) -> np.ndarray:
+    """Per image: the largest uniform output change keeping outputs and score finite
+    (before safety): :data:`FINITE_CAP` less the output's magnitude, for a detector also
+    no more than its score interval stays finite for (bisected)."""
+    big = np.maximum(FINITE_CAP - y.double().abs().flatten(1).amax(1).cpu().numpy(), 0.0)
+    if not isinstance(task, DetectionTask):
+        return big
+
+    def ok(e: np.ndarray) -> np.ndarray:
+        et = torch.as_tensor(e, dtype=torch.float64).reshape(-1, *([1] * (y.dim() - 1)))
+        yd = y.double()
+        s_lo, s_hi = task.score_interval(x, yd - et, yd + et)
+        return np.isfinite(s_lo.double().cpu().numpy()) & \
+            np.isfinite(s_hi.double().cpu().numpy())
+
+    lo_e, hi_e = np.full(len(y), -14.0), np.full(len(y), 16.0)
+    base = ok(10.0 ** lo_e)
+    for _ in range(24):
+        mid = (lo_e + hi_e) / 2
+        good = ok(10.0 ** mid)
+        lo_e, hi_e = np.where(good, mid, lo_e), np.where(good, hi_e, mid)
+    return np.where(base, np.minimum(10.0 ** lo_e, big), 0.0)
 
 
 def _envelope(m: nn.Module, x: Tensor, z: Tensor) -> Tensor:

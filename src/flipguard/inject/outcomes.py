@@ -26,7 +26,7 @@ from flipguard.errors import ConfigError
 from flipguard.metrics import image_auroc
 
 __all__ = ["Outcome", "Golden", "Criterion", "parse_criterion", "classify", "CLASSES",
-           "CRITICAL", "DECISION_FIELDS", "as_arrow", "register_criterion"]
+           "CRITICAL", "DECISION_FIELDS", "as_arrow", "correct_images", "register_criterion"]
 
 CLASSES = ("masked", "sdc-benign", "sdc-critical", "non-finite")
 CRITICAL = ("sdc-critical", "non-finite")
@@ -230,6 +230,27 @@ class Criterion:
     def _certain(self, o: Outcome, g: Golden, remaining: np.ndarray, facts: np.ndarray) -> bool:
         return False
 
+    def tolerates(self, golden: Golden, lost: Any, changed: Any) -> np.ndarray:
+        """Per entry: True when no outcome with finite outputs that changes at most
+        ``changed`` image decisions, ``lost`` of them correct in the golden run, can be
+        critical (arrays of one shape). Certifies faults whose every unproven image is
+        assumed to flip. The default, for any decision criterion: nothing may change.
+
+        >>> g = Golden(kind="classification", n_images=1000, accuracy=0.9)
+        >>> parse_criterion("accuracy-drop:0.002").tolerates(g, [0, 1, 3], [4, 4, 4]).tolist()
+        [True, True, False]
+        >>> parse_criterion("any-flip").tolerates(g, [0, 0], [0, 1]).tolist()
+        [True, False]
+        """
+        return (np.asarray(changed) == 0) & self.by_decisions
+
+    def _worst_share(self, golden: Golden, k: Any) -> np.ndarray:
+        n = max(int(golden.n_images or 0), 1)
+        return np.asarray(k, dtype=np.float64) / n
+
+
+_EPS = 1e-9  # tolerance decisions keep this far from the criterion's edge
+
 
 class _AccuracyDrop(Criterion):
     name = "accuracy-drop"
@@ -244,6 +265,11 @@ class _AccuracyDrop(Criterion):
             return False
         ok = _correct(g, facts) | remaining  # best case: every remaining image correct
         return g.accuracy - int(ok.sum()) / g.n_images > self.delta
+
+    def tolerates(self, golden: Golden, lost: Any, changed: Any) -> np.ndarray:
+        if golden.accuracy is None or not golden.n_images:
+            return super().tolerates(golden, lost, changed)
+        return self._worst_share(golden, lost) <= self.delta - _EPS
 
 
 class _AnyFlip(Criterion):
@@ -286,12 +312,24 @@ class _Mismatch(Criterion):
     def _certain(self, o: Outcome, g: Golden, remaining: np.ndarray, facts: np.ndarray) -> bool:
         return self._metric_critical(o, g)  # more images can only add mismatches
 
+    def tolerates(self, golden: Golden, lost: Any, changed: Any) -> np.ndarray:
+        if not golden.n_images:
+            return super().tolerates(golden, lost, changed)
+        return self._worst_share(golden, changed) <= self.delta - _EPS
+
 
 def decisions(scores: np.ndarray, threshold: float) -> np.ndarray:
     """Detector decisions: ``score > threshold`` or non-finite => anomalous (True)."""
     s = np.asarray(scores, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return ~np.isfinite(s) | (s > threshold)
+
+
+def correct_images(golden: Golden) -> np.ndarray | None:
+    """Per image: correct in the golden run (None without labels or facts)."""
+    if golden.labels is None or golden.facts is None:
+        return None
+    return _correct(golden, np.asarray(golden.facts))
 
 
 def _correct(g: Golden, facts: np.ndarray) -> np.ndarray:

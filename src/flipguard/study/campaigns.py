@@ -185,7 +185,8 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
     predictor = predictor_for(factory, cfg)
     stratified = sampling_type(cfg.sampling).needs_predictor
     with open_campaign(run, cfg, factory, fresh=opts.fresh, predictor=predictor) as store:
-        if opts.certify:  # certify the layers where the planned faults repay it
+        if opts.certify and not cfg.exclude_certified:  # only layers where faults repay it
+            # (an --exclude-certified plan has every layer's certificates already)
             per_layer = Counter(pf.fault.layer for pf in store.planned())
             factory = replace(factory, certify_faults=tuple(sorted(per_layer.items())))
         engine = factory()

@@ -11,18 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flipguard.campaign.analysis import classify_store, open_store
+from flipguard.campaign.certified import CertifiedPredictor, certified_for
 from flipguard.campaign.planner import PlanConfig
 from flipguard.campaign.stats import wilson
 from flipguard.campaign.substrata import CLASS_LABELS, CLASS_PRIORS, split_key
 from flipguard.criticality import Predictor
 from flipguard.errors import ConfigError
-from flipguard.inject import CRITICAL
+from flipguard.inject import CRITICAL, parse_criterion
 from flipguard.study.engines import RunEngineFactory, task_for
 
 __all__ = ["PREDICTOR_DIR", "calibration_table", "predictor_for_factory", "predictor_for_run"]
@@ -57,14 +59,27 @@ def predictor_for_run(run: str | Path, images: int | None = None,
     return pred
 
 
-def predictor_for_factory(factory: Any, config: PlanConfig) -> Predictor:
-    """Predictor for a campaign of ``config`` run by a ``RunEngineFactory``."""
+def predictor_for_factory(factory: Any, config: PlanConfig) -> Predictor | CertifiedPredictor:
+    """Predictor for a campaign of ``config`` run by a ``RunEngineFactory``; with
+    ``config.exclude_certified`` wrapped with the certificates of every layer on the same
+    images (``RUN/certificates/``, computed once on all cores), so the plan's certified
+    sub-strata are the same at every later round."""
     if not hasattr(factory, "run"):
         raise ConfigError("sampling: 'stratified' needs a run directory (the predictor "
                           "evaluates the run's images)")
-    return predictor_for_run(factory.run, factory.images, config.criterion,
+    pred = predictor_for_run(factory.run, factory.images, config.criterion,
                              targets=config.targets, layers=config.layers, fmt=config.fmt,
                              kinds=config.kinds, data_dir=getattr(factory, "data_dir", None))
+    if not config.exclude_certified:
+        return pred
+    if not parse_criterion(config.criterion).by_decisions:
+        raise ConfigError(f"exclude-certified: certificates prove decisions, but criterion "
+                          f"{config.criterion} depends on scores; use a decision criterion")
+    engine = replace(factory, certify=True, certify_faults=None)()
+    if engine.certifier is None or engine.certifier.reason is not None:
+        why = engine.certifier.reason if engine.certifier is not None else "no certifier"
+        raise ConfigError(f"exclude-certified: nothing can be certified ({why})")
+    return CertifiedPredictor(pred, engine.certifier, certified_for(config.criterion))
 
 
 def calibration_table(run_or_store: Any, criterion: str = "accuracy-drop:0.01",
