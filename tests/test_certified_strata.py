@@ -160,8 +160,11 @@ def test_campaign_excludes_certified_faults_end_to_end(tmp_path):
     from flipguard.study.engines import RunEngineFactory
 
     net = RunEngineFactory(str(run)).model()
+    done = {k: sum(1 for x in ran if x.startswith(f"weight:{k}:")) for k in
+            ("decoder.14", "decoder.16")}
     for r in rows:  # each layer's CFR describes its whole population, certified part included
         assert r["N"] == net.get_submodule(r["layer"]).weight.numel() * 32
+        assert r["n"] == done[r["layer"]]  # n: the simulated faults, not the certified ones
     assert all(0 <= r["ci"][0] <= r["cfr"] <= r["ci"][1] <= 1 for r in rows)
     out = cli.invoke(app, ["cfr", str(run), "--criterion", "auroc-drop:0.01"])
     assert out.exit_code != 0 and "decision criterion" in out.output

@@ -297,7 +297,8 @@ def substrata_estimate(cells: Sequence[tuple[Any, int]], per: dict, first: dict,
     estimator is unbiased across all rounds (:mod:`flipguard.campaign.sequential`; a cell
     is a domain of its sub-stratum, post-stratified per round); without, the rounds after the
     audit are pooled (exact only with a single one). ``var`` is the variance estimate,
-    ``n_eff`` the size whose binomial variance matches the margin."""
+    ``n_eff`` the size whose binomial variance matches the margin; ``n`` counts simulated
+    faults only (a certified cell is known, not sampled)."""
     out = []
     for s, N in cells:
         if getattr(s, "crit", None) == CERTIFIED:
@@ -313,6 +314,7 @@ def substrata_estimate(cells: Sequence[tuple[Any, int]], per: dict, first: dict,
     e = sequential_estimate(out, confidence, "clopper-pearson")
     t = t_value(confidence)
     n_eff = e.p * (1 - e.p) / (e.margin / t) ** 2 if e.margin > 0 else float("inf")
-    return Estimate(e.p, e.var, e.margin, e.ci, e.n, e.k, e.N, n_eff)
+    known = sum(N for s, N in cells if getattr(s, "crit", None) == CERTIFIED)
+    return Estimate(e.p, e.var, e.margin, e.ci, e.n - known, e.k, e.N, n_eff)  # n: simulated
 
 

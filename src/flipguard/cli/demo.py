@@ -81,8 +81,11 @@ def run_demo(
     rem_dir.mkdir(parents=True, exist_ok=True)
     for name in ("model.pt", "config.json", "metrics.json"):
         shutil.copy2(run_dir / name, rem_dir / name)
-    _cli("campaign", "run", rem_dir, *opts, "--sampling", "stratified", "--exclude-certified")
-    _cli("cfr", rem_dir, "--by", "network")
+    rem = [*opts, "--sampling", "stratified", "--exclude-certified", "--layers",
+           "decoder.12,decoder.14,decoder.16"]
+    _cli("campaign", "plan", rem_dir, *rem, "--probe", 0)
+    _cli("campaign", "run", rem_dir, *rem)
+    _cli("cfr", rem_dir, "--by", "layer")
     step("harden", "selective hardening under a 3 % memory budget, paired re-injection")
     _cli("harden", run_dir, "--budget", 0.03)
     if has_ra:
