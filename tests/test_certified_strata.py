@@ -228,3 +228,20 @@ def test_a_store_whose_substrata_changed_is_refused():
     moved = [replace(s, N=s.N + 1) if s.crit == CERTIFIED else s for s in plan.strata]
     with pytest.raises(ConfigError, match="certificates changed"):
         _check_same_substrata(plan, Store(moved))
+
+
+def test_what_each_criterion_tolerates_when_unproven_images_may_flip():
+    from flipguard.inject import Golden
+
+    g = Golden(kind="classification", n_images=100, accuracy=0.9)
+    lost, changed = np.array([0, 0, 3, 4, 5]), np.array([0, 4, 4, 5, 5])
+    assert parse_criterion("mismatch:0.05").tolerates(g, lost, changed).tolist() == \
+        [True, True, True, False, False]  # 5 of 100 would reach 0.05: not tolerated
+    assert parse_criterion("accuracy-drop:0.04").tolerates(g, lost, changed).tolist() == \
+        [True, True, True, False, False]
+    assert not parse_criterion("auroc-drop:0.5").tolerates(g, lost, changed).any()
+    assert parse_criterion("any-flip").tolerates(g, lost, changed).tolist() == \
+        [True, False, False, False, False]
+    unknown = Golden(kind="classification", n_images=100)  # no accuracy: nothing may flip
+    assert parse_criterion("accuracy-drop:0.5").tolerates(unknown, lost, changed).tolist() \
+        == [True, False, False, False, False]
