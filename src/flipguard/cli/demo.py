@@ -20,6 +20,14 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    """A copy of run ``src``'s model, config and metrics (no campaign) at ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pt", "config.json", "metrics.json"):
+        shutil.copy2(src / name, dst / name)
+    return dst
+
 def _cli(*args: Any) -> None:
     """Run one `flipguard` verb in-process, exactly as typed on the command line."""
     from flipguard.cli import app
@@ -69,18 +77,12 @@ def run_demo(
     _cli("cfr", run_dir, "--by", "bit")
     step("certify", "the same campaign with certification: faults' images whose decision is "
          "proven unchanged are not simulated; the same CFR")
-    cert_dir = out / "run-certified"
-    cert_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.pt", "config.json", "metrics.json"):
-        shutil.copy2(run_dir / name, cert_dir / name)
+    cert_dir = _copy_run(run_dir, out / "run-certified")
     _cli("campaign", "run", cert_dir, *opts, "--certify")
     _cli("cfr", cert_dir, "--by", "network")
     console.print("[dim]criticality-stratified, the certified faults counted exactly and "
                   "only the uncertified remainder sampled:[/dim]")
-    rem_dir = out / "run-remainder"
-    rem_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.pt", "config.json", "metrics.json"):
-        shutil.copy2(run_dir / name, rem_dir / name)
+    rem_dir = _copy_run(run_dir, out / "run-remainder")
     rem = [*opts, "--sampling", "stratified", "--exclude-certified", "--layers",
            "decoder.12,decoder.14,decoder.16"]
     _cli("campaign", "plan", rem_dir, *rem, "--probe", 0)

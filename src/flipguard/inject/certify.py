@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,9 +211,10 @@ class Certifier:
         if not cert.T.size:
             return out
         m = self.engine.model.get_submodule(layer)
-        t = getattr(m, target).detach().reshape(-1).cpu()
-        fmt = self.engine.formats.get((layer, target), self.engine.fmt)
-        fmt = bound_format(m, target, getattr(m, target).detach().cpu(), fmt)
+        w = getattr(m, target).detach().cpu()
+        t = w.reshape(-1)
+        fmt = bound_format(m, target, w, self.engine.formats.get((layer, target),
+                                                                 self.engine.fmt))
         d = np.empty(index.shape)
         for b in np.unique(bit).tolist():
             sel = np.flatnonzero(bit == b)
@@ -221,14 +223,12 @@ class Certifier:
             new = apply_bits(old, bits_mask(b, fmt.bits), kind, fmt.select(idx))
             d[sel] = (new.double() - old.double()).abs().numpy()
         ch = np.asarray(kernel_of(m, target, index), np.int64)
+        crit = parse_criterion("any-flip" if criterion is None else criterion)
+        golden = self.engine.golden
+        correct = correct_images(golden)
+        if correct is None:
+            correct = np.ones(self.engine.n, bool)
         with np.errstate(invalid="ignore"):
-            if criterion is None:
-                return (d == 0) | (np.isfinite(d) & (cert.T.min(1)[ch] > d))
-            crit = parse_criterion(criterion)
-            golden = self.engine.golden
-            correct = correct_images(golden)
-            if correct is None:
-                correct = np.ones(self.engine.n, bool)
             for c in np.unique(ch).tolist():
                 sel = np.flatnonzero(ch == c)
                 order = np.argsort(cert.T[c], kind="stable")
@@ -424,22 +424,12 @@ def _task_radius(task: Task, x: Tensor, y: Tensor, facts: np.ndarray) -> np.ndar
     s0 = np.asarray(facts, np.float64)
     slack = SLACK * np.maximum(abs(thr), np.abs(s0))
     anomalous = s0 > thr
-    lo_e, hi_e = np.full(len(s0), -14.0), np.full(len(s0), 2.0)  # log10 bisection
 
-    def ok(e: np.ndarray) -> np.ndarray:
-        et = torch.as_tensor(e, dtype=torch.float64).reshape(-1, *([1] * (y.dim() - 1)))
-        yd = y.double()
-        s_lo, s_hi = task.score_interval(x, yd - et, yd + et)
-        s_lo, s_hi = s_lo.double().cpu().numpy(), s_hi.double().cpu().numpy()
+    def ok(s_lo: np.ndarray, s_hi: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             return np.where(anomalous, s_lo - slack > thr, s_hi + slack <= thr)
 
-    base = ok(10.0 ** lo_e)
-    for _ in range(24):
-        mid = (lo_e + hi_e) / 2
-        good = ok(10.0 ** mid)
-        lo_e, hi_e = np.where(good, mid, lo_e), np.where(good, hi_e, mid)
-    return np.where(base & np.isfinite(s0), 10.0 ** lo_e, 0.0)
+    return np.where(np.isfinite(s0), _score_radius(task, x, y, ok, 2.0), 0.0)
 
 
 def _finite_radius(task: Task, x: Tensor, y: Tensor) -> np.ndarray:
@@ -449,21 +439,30 @@ def _finite_radius(task: Task, x: Tensor, y: Tensor) -> np.ndarray:
     big = np.maximum(FINITE_CAP - y.double().abs().flatten(1).amax(1).cpu().numpy(), 0.0)
     if not isinstance(task, DetectionTask):
         return big
+    return np.minimum(_score_radius(
+        task, x, y, lambda lo, hi: np.isfinite(lo) & np.isfinite(hi), 16.0), big)
 
-    def ok(e: np.ndarray) -> np.ndarray:
+
+def _score_radius(task: DetectionTask, x: Tensor, y: Tensor,
+                  ok: Callable[[np.ndarray, np.ndarray], np.ndarray], top: float
+                  ) -> np.ndarray:
+    """Per image: the largest ``e`` in ``[1e-14, 10**top]`` (bisected on ``log10 e``, 24
+    steps) for which ``ok(score_low, score_high)`` holds over outputs ``y +- e`` (0 if not
+    even at ``1e-14``)."""
+    yd = y.double()
+
+    def holds(e: np.ndarray) -> np.ndarray:
         et = torch.as_tensor(e, dtype=torch.float64).reshape(-1, *([1] * (y.dim() - 1)))
-        yd = y.double()
         s_lo, s_hi = task.score_interval(x, yd - et, yd + et)
-        return np.isfinite(s_lo.double().cpu().numpy()) & \
-            np.isfinite(s_hi.double().cpu().numpy())
+        return ok(s_lo.double().cpu().numpy(), s_hi.double().cpu().numpy())
 
-    lo_e, hi_e = np.full(len(y), -14.0), np.full(len(y), 16.0)
-    base = ok(10.0 ** lo_e)
+    lo_e, hi_e = np.full(len(y), -14.0), np.full(len(y), top)
+    base = holds(10.0 ** lo_e)
     for _ in range(24):
         mid = (lo_e + hi_e) / 2
-        good = ok(10.0 ** mid)
+        good = holds(10.0 ** mid)
         lo_e, hi_e = np.where(good, mid, lo_e), np.where(good, hi_e, mid)
-    return np.where(base, np.minimum(10.0 ** lo_e, big), 0.0)
+    return np.where(base, 10.0 ** lo_e, 0.0)
 
 
 def _envelope(m: nn.Module, x: Tensor, z: Tensor) -> Tensor:
