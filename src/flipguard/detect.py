@@ -33,12 +33,19 @@ from flipguard.metrics import (
     threshold_metrics,
 )
 from flipguard.models.cae import StrictConfig
-from flipguard.ssim import gaussian_blur, msgms_map, ssim_map
+from flipguard.ssim import (
+    gaussian_blur,
+    msgms_input_side,
+    msgms_map,
+    ssim_input_side,
+    ssim_map,
+)
 from flipguard.threshold import calibrate_threshold
 
 __all__ = [
     "ScoreConfig",
     "Scorer",
+    "InputSide",
     "reconstruct",
     "fit_map_stats",
     "calibrate_threshold",
@@ -88,6 +95,23 @@ class ScoreConfig(StrictConfig):
         return v
 
 
+class InputSide:
+    """Per-image input-side terms of a :class:`Scorer`'s maps (rows = images), from
+    :meth:`Scorer.input_side`; ``take(rows)`` selects images in any order."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return int(self.parts[0].shape[0]) if self.parts else 0
+
+    def take(self, rows: np.ndarray | torch.Tensor) -> InputSide:
+        if not self.parts:  # a map without input-side terms (L2)
+            return self
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return InputSide([t[idx.to(t.device)] for t in self.parts])
+
+
 class Scorer:
     """Anomaly maps and image scores from inputs and their reconstructions.
 
@@ -126,29 +150,64 @@ class Scorer:
     def __repr__(self) -> str:
         return f"Scorer({self.cfg!r})"
 
-    def _maps(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def input_side(self, inputs: torch.Tensor) -> InputSide:
+        """The parts of every image's map that depend on the input alone (SSIM: local mean
+        and second moment; MS-GMS: gradient magnitudes per scale; L2: none), computed once
+        so that scoring many reconstructions of the same inputs — a campaign's faults —
+        skips them: ``scores(x, r, side=side.take(rows))`` is bit-identical to
+        ``scores(x, r)``.
+
+        Example:
+            >>> s = Scorer(ScoreConfig(map="msgms"))
+            >>> x, r = torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16)
+            >>> rows = [2, 0]
+            >>> side = s.input_side(x).take(np.array(rows))
+            >>> bool(s.scores(x[rows], r[rows], side=side).equal(s.scores(x[rows], r[rows])))
+            True
+        """
+        with torch.no_grad():
+            parts = [self._side(inputs[i : i + self.cfg.batch_size].to(torch.float32))
+                     for i in range(0, inputs.shape[0], self.cfg.batch_size)]
+        return InputSide([torch.cat(t) for t in zip(*parts, strict=True)] if parts else [])
+
+    def _side(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.cfg.map == "msgms":
+            return msgms_input_side(x)
+        if self.cfg.map == "ssim":
+            return list(ssim_input_side(x, self.cfg.ssim_window, self.cfg.ssim_sigma))
+        return []
+
+    def _maps(self, x: torch.Tensor, r: torch.Tensor, side: list[torch.Tensor] | None = None
+              ) -> torch.Tensor:
         if self.cfg.map == "l2":
             m = (x - r).square().mean(dim=1, keepdim=True)
         elif self.cfg.map == "msgms":
-            m = 1.0 - msgms_map(x, r)
+            m = 1.0 - msgms_map(x, r, x_side=side)
         else:
-            m = 1.0 - ssim_map(x, r, window_size=self.cfg.ssim_window, sigma=self.cfg.ssim_sigma)
+            m = 1.0 - ssim_map(x, r, window_size=self.cfg.ssim_window, sigma=self.cfg.ssim_sigma,
+                               x_side=None if side is None else (side[0], side[1]))
         if self.cfg.smooth_sigma > 0:
             m = gaussian_blur(m, self.cfg.smooth_sigma)
         if self.cfg.standardize:
             m = self._standardize(m)
         return m
 
-    def _chunks(self, inputs: torch.Tensor, recon: torch.Tensor) -> Any:
+    def _chunks(self, inputs: torch.Tensor, recon: torch.Tensor,
+                side: InputSide | None = None) -> Any:
         if inputs.shape != recon.shape or inputs.dim() != 4:
             raise ConfigError(f"Scorer: expected inputs and reconstructions of equal (N, C, H, W) "
                               f"shape (got {tuple(inputs.shape)} and {tuple(recon.shape)})")
+        if side is not None and side.parts and len(side) != recon.shape[0]:
+            raise ConfigError(f"Scorer: expected the input side of {recon.shape[0]} images, "
+                              f"got {len(side)}")
         dev = recon.device
         bs = self.cfg.batch_size
         for i in range(0, recon.shape[0], bs):
             x = inputs[i : i + bs].to(dev, torch.float32)
             r = recon[i : i + bs].to(torch.float32)
-            yield self._maps(x, r)
+            part = None if side is None or not side.parts else \
+                [t[i : i + bs].to(dev) for t in side.parts]
+            yield self._maps(x, r, part)
 
     def maps(self, inputs: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Anomaly maps (N, 1, H, W), float32 on ``recon``'s device, higher = more anomalous:
@@ -195,10 +254,12 @@ class Scorer:
             m_lo, m_hi = (m_lo - mu) / sd, (m_hi - mu) / sd
         return self.reduce(m_lo), self.reduce(m_hi)
 
-    def scores(self, inputs: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Image anomaly scores (N,), float32 on ``recon``'s device."""
+    def scores(self, inputs: torch.Tensor, recon: torch.Tensor,
+               side: InputSide | None = None) -> torch.Tensor:
+        """Image anomaly scores (N,), float32 on ``recon``'s device; ``side``: the
+        :meth:`input_side` of exactly these ``inputs`` (then not recomputed)."""
         with torch.no_grad():
-            parts = [self.reduce(m) for m in self._chunks(inputs, recon)]
+            parts = [self.reduce(m) for m in self._chunks(inputs, recon, side)]
         if not parts:
             return torch.empty(0, device=recon.device)
         return torch.cat(parts)

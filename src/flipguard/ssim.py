@@ -15,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "ssim_map", "ssim", "gms_map", "msgms_map"]
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "ssim_map", "ssim", "gms_map", "msgms_map",
+           "msgms_input_side", "ssim_input_side"]
 
 C1 = 0.01**2  # (K1 * L)^2 with L = 1 (data range [0, 1])
 C2 = 0.03**2  # (K2 * L)^2
@@ -87,10 +88,13 @@ def ssim_map(
     sigma: float = 1.5,
     c1: float = C1,
     c2: float = C2,
+    x_side: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-pixel SSIM of ``x`` and ``y`` (N, C, H, W), averaged over channels -> (N, 1, H, W).
 
-    Values lie in [-1, 1]; 1 means locally identical.
+    Values lie in [-1, 1]; 1 means locally identical. ``x_side``: ``ssim_input_side(x,
+    window_size, sigma)``, the local mean and second moment of ``x``, computed once for many
+    ``y`` (bit-identical map).
 
     Example:
         >>> x = torch.rand(2, 3, 16, 16)
@@ -102,13 +106,36 @@ def ssim_map(
                          f"(got {tuple(x.shape)} and {tuple(y.shape)})")
     gaussian_kernel1d(window_size, sigma)  # validates the window
     c = x.shape[1]
-    stats = _sep_filter(torch.cat([x, y, x * x, y * y, x * y], dim=1), window_size, sigma)
-    mu_x, mu_y, e_xx, e_yy, e_xy = stats.split(c, dim=1)
+    if x_side is None:
+        stats = _sep_filter(torch.cat([x, y, x * x, y * y, x * y], dim=1), window_size, sigma)
+        mu_x, mu_y, e_xx, e_yy, e_xy = stats.split(c, dim=1)
+    else:
+        mu_x, e_xx = x_side
+        if mu_x.shape != x.shape or e_xx.shape != x.shape:
+            raise ValueError("ssim_map: x_side does not match x (expected ssim_input_side(x))")
+        stats = _sep_filter(torch.cat([y, y * y, x * y], dim=1), window_size, sigma)
+        mu_y, e_yy, e_xy = stats.split(c, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     var_x, var_y, cov = e_xx - mu_xx, e_yy - mu_yy, e_xy - mu_xy
     num = (2.0 * mu_xy + c1) * (2.0 * cov + c2)
     den = (mu_xx + mu_yy + c1) * (var_x + var_y + c2)
     return (num / den).mean(dim=1, keepdim=True)
+
+
+def ssim_input_side(x: torch.Tensor, window_size: int = 11, sigma: float = 1.5
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms of :func:`ssim_map` that depend on ``x`` alone: its Gaussian-weighted local
+    mean and second moment, for ``ssim_map(x, y, x_side=...)``.
+
+    Example:
+        >>> x, y = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+        >>> bool(ssim_map(x, y, x_side=ssim_input_side(x)).equal(ssim_map(x, y)))
+        True
+    """
+    gaussian_kernel1d(window_size, sigma)  # validates the window
+    c = x.shape[1]
+    mu_x, e_xx = _sep_filter(torch.cat([x, x * x], dim=1), window_size, sigma).split(c, dim=1)
+    return mu_x, e_xx
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, **kwargs: float) -> torch.Tensor:
@@ -153,13 +180,41 @@ def gms_map(x: torch.Tensor, y: torch.Tensor, c: float = GMS_C) -> torch.Tensor:
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"gms_map: expected two (N, C, H, W) tensors of equal shape "
                          f"(got {tuple(x.shape)} and {tuple(y.shape)})")
-    gx, gy = _prewitt_magnitude(x), _prewitt_magnitude(y)
+    return _gms(_prewitt_magnitude(x), _prewitt_magnitude(y), c)
+
+
+def _gms(gx: torch.Tensor, gy: torch.Tensor, c: float = GMS_C) -> torch.Tensor:
     return ((2.0 * gx * gy + c) / (gx * gx + gy * gy + c)).mean(dim=1, keepdim=True)
 
 
-def msgms_map(x: torch.Tensor, y: torch.Tensor, scales: int = 4) -> torch.Tensor:
+def _scales(h: int, w: int, scales: int) -> int:
+    return max(1, min(scales, 1 + int(math.log2(max(1, min(h, w))))))  # stop at 1-pixel scales
+
+
+def msgms_input_side(x: torch.Tensor, scales: int = 4) -> list[torch.Tensor]:
+    """The terms of :func:`msgms_map` that depend on ``x`` alone: its gradient magnitude at
+    each scale. Pass them as ``msgms_map(x, y, x_side=...)`` to score many ``y`` against one
+    ``x`` (a campaign's faulty reconstructions of the same inputs) without recomputing them;
+    the map is bit-identical.
+
+    Example:
+        >>> x, y = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+        >>> bool(msgms_map(x, y, x_side=msgms_input_side(x)).equal(msgms_map(x, y)))
+        True
+    """
+    n = _scales(*x.shape[-2:], scales)
+    side = [_prewitt_magnitude(x)]
+    for _ in range(1, n):
+        x = F.avg_pool2d(x, 2)
+        side.append(_prewitt_magnitude(x))
+    return side
+
+
+def msgms_map(x: torch.Tensor, y: torch.Tensor, scales: int = 4,
+              x_side: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Multi-scale GMS (RIAD): the mean of :func:`gms_map` at ``scales`` dyadic scales
     (2x2 average pooling between scales), each bilinearly upsampled to the input size.
+    ``x_side``: ``msgms_input_side(x, scales)``, computed once for many ``y``.
 
     Example:
         >>> x = torch.rand(1, 1, 32, 32)
@@ -168,11 +223,17 @@ def msgms_map(x: torch.Tensor, y: torch.Tensor, scales: int = 4) -> torch.Tensor
         >>> m.shape, bool(m[0, 0, 12, 12] < m[0, 0, 28, 28])
         (torch.Size([1, 1, 32, 32]), True)
     """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"msgms_map: expected two (N, C, H, W) tensors of equal shape "
+                         f"(got {tuple(x.shape)} and {tuple(y.shape)})")
     h, w = x.shape[-2:]
-    n = max(1, min(scales, 1 + int(math.log2(max(1, min(h, w))))))  # stop at 1-pixel scales
-    total = gms_map(x, y)
-    for _ in range(1, n):
-        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-        up = F.interpolate(gms_map(x, y), size=(h, w), mode="bilinear", align_corners=False)
+    gx = msgms_input_side(x, scales) if x_side is None else x_side
+    if len(gx) != _scales(h, w, scales) or any(g.shape[:2] != x.shape[:2] for g in gx):
+        raise ValueError("msgms_map: x_side does not match x (expected msgms_input_side(x))")
+    total = _gms(gx[0], _prewitt_magnitude(y))
+    for g in gx[1:]:
+        y = F.avg_pool2d(y, 2)
+        up = F.interpolate(_gms(g, _prewitt_magnitude(y)), size=(h, w), mode="bilinear",
+                           align_corners=False)
         total = total + up
-    return total / n
+    return total / len(gx)

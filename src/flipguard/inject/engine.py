@@ -133,6 +133,7 @@ class Engine:
         self._was_training, self._golden = was_training, None
         self._certify, self.certifier = bool(certify), None
         self._image_order = image_order
+        self._side: Any = None  # the task's input-side terms (Task.input_side), at prepare()
         self._order = np.arange(self.n)
         self.model.train(was_training)
 
@@ -152,6 +153,7 @@ class Engine:
             with torch.no_grad(), reuse_heap(self._heap_reuse):
                 self.model.eval()
                 try:
+                    self._side = self.task.input_side(self.inputs)
                     self._golden_run()
                 finally:
                     self.model.train(self._was_training)
@@ -224,7 +226,7 @@ class Engine:
                     return self._golden_run()
             self.cache.write(_OUT, a, y[: b - a], pinned=True)
             ref = (y,) if self.task.needs_golden_outputs else ()
-            facts.append(self.task.image_facts(x, y, *ref)[: b - a].cpu().numpy())
+            facts.append(self._facts(x, y, np.arange(a, b), *ref)[: b - a].cpu().numpy())
             bad_rows.append((~torch.isfinite(y[: b - a].reshape(b - a, -1)).all(1)).cpu()
                             if y.is_floating_point() else torch.zeros(b - a, dtype=torch.bool))
         self.cuts = {k: v for k, v in self.cuts.items() if not invalid.intersection(v)}
@@ -335,6 +337,14 @@ class Engine:
                                   "n_certified": self.n}), None
         return None, mask if mask is not None and bool(mask.any()) else None
 
+    def _facts(self, x: Tensor, out: Tensor, images: np.ndarray, *ref: Tensor) -> Tensor:
+        """The task's facts of the (padded) chunk ``x`` holding dataset rows ``images``:
+        padding rows repeat the first row (:func:`pad_rows`), so do their input sides."""
+        if self._side is None:
+            return self.task.image_facts(x, out, *ref)
+        rows = np.concatenate([images, np.full(x.shape[0] - len(images), images[0])])
+        return self.task.image_facts(x, out, *ref, side=self._side.take(rows))
+
     def _format(self, f: Fault) -> NumberFormat:
         if f.target == "activation":
             return self.fmt
@@ -351,8 +361,8 @@ class Engine:
 
         def facts(x: Tensor, out: Tensor, images: np.ndarray) -> Tensor:
             if not self.task.needs_golden_outputs:
-                return self.task.image_facts(x, out)
-            return self.task.image_facts(x, out, pad_rows(golden(out_node, images), self.bs))
+                return self._facts(x, out, images)
+            return self._facts(x, out, images, pad_rows(golden(out_node, images), self.bs))
 
         return Pipeline(self.program, self.stops, self.bs, golden, inputs, facts, report,
                         self._stop_stats)

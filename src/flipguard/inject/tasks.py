@@ -48,6 +48,11 @@ class Task:
     """True: ``image_facts(inputs, outputs, golden_outputs)`` also gets each image's golden
     output (the engine passes it; in the golden run the outputs themselves)."""
 
+    def input_side(self, inputs: Tensor) -> Any:
+        """Terms of the facts that depend on the inputs alone, computed once per engine and
+        passed back as ``image_facts(..., side=side.take(rows))``; None (the default): none."""
+        return None
+
     def check(self, n_images: int) -> None:
         """Raise a one-line error unless there is one label per image."""
         if self.labels.shape[0] != n_images:
@@ -71,7 +76,10 @@ class DetectionTask(Task):
     image's score from that image alone (batch-size invariant), as the Scorer does.
     ``score_interval(inputs, lo, hi) -> (low, high)``: optional sound bounds of the scores
     of all outputs between ``lo`` and ``hi`` (e.g. ``Scorer.score_interval``); faults can
-    only be certified with it (:mod:`flipguard.inject.certify`).
+    only be certified with it (:mod:`flipguard.inject.certify`). ``input_side(inputs)``:
+    optional, the input-only terms of the scores (e.g. ``Scorer.input_side``), an object
+    with ``take(rows)`` whose result ``score_fn`` accepts as ``side=`` — the engine computes
+    it once and no faulty run recomputes it.
 
     >>> task = DetectionTask(lambda x, y: (x - y).abs().flatten(1).amax(1), 0.5, [0, 1])
     >>> task.image_facts(torch.zeros(2, 1, 2, 2), torch.eye(2).expand(2, 1, 2, 2)).tolist()
@@ -83,17 +91,23 @@ class DetectionTask(Task):
     def __init__(self, score_fn: ScoreFn, threshold: float,
                  labels: Sequence[int] | np.ndarray | Tensor,
                  score_interval: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-                 | None = None) -> None:
+                 | None = None, input_side: Callable[[Tensor], Any] | None = None) -> None:
         if not callable(score_fn):
             raise ConfigError("score_fn: expected a callable (inputs, outputs) -> scores")
         if score_interval is not None and not callable(score_interval):
             raise ConfigError("score_interval: expected a callable (inputs, lo, hi) -> "
                               "(low scores, high scores)")
         self.score_fn, self.threshold, self.labels = score_fn, float(threshold), _labels(labels)
-        self.score_interval = score_interval
+        if input_side is not None and not callable(input_side):
+            raise ConfigError("input_side: expected a callable inputs -> input-side terms")
+        self.score_interval, self._input_side = score_interval, input_side
 
-    def image_facts(self, inputs: Tensor, outputs: Tensor) -> Tensor:
-        s = self.score_fn(inputs, outputs)
+    def input_side(self, inputs: Tensor) -> Any:
+        return None if self._input_side is None else self._input_side(inputs)
+
+    def image_facts(self, inputs: Tensor, outputs: Tensor, side: Any = None) -> Tensor:
+        s = self.score_fn(inputs, outputs) if side is None else \
+            self.score_fn(inputs, outputs, side=side)  # type: ignore[call-arg]
         if not isinstance(s, Tensor):
             s = torch.as_tensor(np.asarray(s))
         if s.shape != (outputs.shape[0],):

@@ -230,7 +230,8 @@ def _engine(model: nn.Module, data: SearchData, s: Settings, scorer: Any, thr: f
     else:
         idx = evenly_spaced(data.val.shape[0], s.ra_images)
     x, y = data.val[torch.as_tensor(idx)], data.val_labels[idx]
-    task = (DetectionTask(scorer.scores, thr, y) if data.task == "detection"
+    task = (DetectionTask(scorer.scores, thr, y, input_side=scorer.input_side)
+            if data.task == "detection"
             else ClassificationTask(torch.as_tensor(y)))
     eng = Engine(model, x, task, fmt=s.fmt)
     fps = {"data": tensor_fingerprint(x, y)[:16],

@@ -48,7 +48,8 @@ def task_for(run: Run, labels: np.ndarray) -> Task:
     if t.kind == "tolerance":
         return ToleranceTask(len(labels), atol=t.atol, rtol=t.rtol)
     return DetectionTask(run.scorer.scores, run.threshold, labels,
-                         score_interval=run.scorer.score_interval)
+                         score_interval=run.scorer.score_interval,
+                         input_side=run.scorer.input_side)
 
 
 def task_fingerprint(run: Run, fmt: str) -> str:
