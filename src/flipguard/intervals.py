@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flipguard.ssim import C1, C2, GMS_C, _sep_filter, gaussian_blur
+from flipguard.ssim import C1, C2, GMS_C, _scales, _sep_filter, gaussian_blur
 
 __all__ = ["Pair", "square", "mul", "div", "blur_interval", "ssim_interval",
            "gms_interval", "msgms_interval"]
@@ -137,7 +137,7 @@ def msgms_interval(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scales: 
     True
     """
     h, w = x.shape[-2:]
-    n = max(1, min(scales, 1 + int(math.log2(max(1, min(h, w))))))
+    n = _scales(h, w, scales)
     t_lo, t_hi = gms_interval(x, lo, hi)
     for _ in range(1, n):
         x, lo, hi = F.avg_pool2d(x, 2), F.avg_pool2d(lo, 2), F.avg_pool2d(hi, 2)

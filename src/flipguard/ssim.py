@@ -227,9 +227,12 @@ def msgms_map(x: torch.Tensor, y: torch.Tensor, scales: int = 4,
         raise ValueError(f"msgms_map: expected two (N, C, H, W) tensors of equal shape "
                          f"(got {tuple(x.shape)} and {tuple(y.shape)})")
     h, w = x.shape[-2:]
-    gx = msgms_input_side(x, scales) if x_side is None else x_side
-    if len(gx) != _scales(h, w, scales) or any(g.shape[:2] != x.shape[:2] for g in gx):
+    if x_side is None:
+        gx = msgms_input_side(x, scales)
+    elif len(x_side) != _scales(h, w, scales) or any(g.shape[:2] != x.shape[:2] for g in x_side):
         raise ValueError("msgms_map: x_side does not match x (expected msgms_input_side(x))")
+    else:
+        gx = x_side
     total = _gms(gx[0], _prewitt_magnitude(y))
     for g in gx[1:]:
         y = F.avg_pool2d(y, 2)
