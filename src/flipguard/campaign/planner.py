@@ -34,6 +34,7 @@ from flipguard.campaign.conventions import (
     plan_t,
     sample_size,
 )
+from flipguard.campaign.grouping import groups_text, parse_groups
 from flipguard.campaign.priors import P_FLOOR, data_aware_p
 from flipguard.campaign.sampling import draw_faults, stratum_rng
 from flipguard.campaign.stats import ROUNDINGS, allocate, check_confidence, check_error, check_p
@@ -74,7 +75,9 @@ class PlanConfig:
     decimals, 2.58 at 99 %); ``stuck_at``: ``"all"`` (both stuck values, the no-op half
     included) or ``"effective"`` (only faults that change the stored bit);
     ``exclude_certified`` (stratified only): faults proven to change no decision form an
-    exactly known sub-stratum and are never drawn (:mod:`flipguard.campaign.certified`).
+    exactly known sub-stratum and are never drawn (:mod:`flipguard.campaign.certified`);
+    ``class_groups`` (stratified only, e.g. ``"0-2,3,4"``): predicted classes sampled as one
+    sub-stratum (:mod:`flipguard.campaign.grouping`).
 
     >>> PlanConfig(strata="bit,layer", p="0.5").strata
     'layer,bit'
@@ -98,6 +101,7 @@ class PlanConfig:
     t: str = "exact"
     stuck_at: str = "all"
     exclude_certified: bool = False
+    class_groups: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -137,6 +141,11 @@ class PlanConfig:
         if self.sampling == "stratified" and (self.t, self.stuck_at) != ("exact", "all"):
             raise ConfigError("sampling: 'stratified' supports only --t exact and "
                               "--stuck-at all")
+        if self.class_groups is not None:
+            if self.sampling != "stratified":
+                raise ConfigError("class-groups: predicted classes form sub-strata of "
+                                  "criticality-stratified plans; use --sampling stratified")
+            set_("class_groups", groups_text(parse_groups(self.class_groups)))
         if self.exclude_certified and self.sampling != "stratified":
             raise ConfigError("exclude-certified: certified faults form a sub-stratum of "
                               "criticality-stratified plans; use --sampling stratified")
@@ -164,7 +173,7 @@ class PlanConfig:
         if self.sampling == "uniform":  # uniform plans keep their digests
             del d["sampling"], d["criterion"]
         for k, default in (("t", "exact"), ("stuck_at", "all"),
-                           ("exclude_certified", False)):  # so do the defaults
+                           ("exclude_certified", False), ("class_groups", None)):  # defaults
             if d[k] == default:
                 del d[k]
         return d

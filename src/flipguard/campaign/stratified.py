@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from flipguard.campaign.analysis import classify_store
+from flipguard.campaign.grouping import group_label, group_map, parse_groups
 from flipguard.campaign.planner import Plan, PlanConfig, PlannedFault, PlannedStratum, make_plan
 from flipguard.campaign.sequential import History, sequential_estimate
 from flipguard.campaign.stats import Estimate, t_value
@@ -52,6 +53,13 @@ AUDIT = 30
 def predictor_labels(predictor: Any) -> Sequence[str]:
     """The class labels of ``predictor`` (the default classes when it names none)."""
     return getattr(predictor, "labels", CLASS_LABELS)
+
+
+def sub_label(predictor: Any, config: PlanConfig, h: int) -> str:
+    """Label of the sub-stratum of class ``h`` under the plan's class groups."""
+    if int(h) == CERTIFIED or config.class_groups is None:
+        return class_label(predictor_labels(predictor), h)
+    return group_label(int(h), parse_groups(config.class_groups), predictor_labels(predictor))
 
 
 @dataclass
@@ -97,7 +105,7 @@ class StratifiedPlan(Plan):
             rows.append({"key": par.key, "N": par.N, "uniform_n": par.n,
                          "stratified_n": int(sum(n0) + more.sum()),
                          "certified": sum(s.N for s in subs if s.crit == CERTIFIED),
-                         "classes": {class_label(predictor_labels(self.predictor), s.crit): s.N
+                         "classes": {sub_label(self.predictor, cfg, s.crit): s.N
                                      for s in subs}})
         d.update(sampling="stratified", parents=rows,
                  uniform_total=sum(r["uniform_n"] for r in rows),
@@ -112,7 +120,9 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
     A predictor with a ``certified(layer, target, index, bit, kind)`` method (bool per fault,
     e.g. :class:`flipguard.campaign.certified.CertifiedPredictor`) moves the faults it proves
     harmless into the :data:`~flipguard.campaign.substrata.CERTIFIED` sub-stratum: known
-    exactly, never drawn, so only each stratum's uncertified remainder is sampled."""
+    exactly, never drawn, so only each stratum's uncertified remainder is sampled. With
+    ``plan.config.class_groups`` the classes of a group form one sub-stratum, keyed by the
+    group's lowest class, its prior the size-weighted mean of its classes' priors."""
     if predictor is None:
         raise ConfigError("sampling: 'stratified' needs a run directory (the predictor "
                           "evaluates the run's images)")
@@ -120,8 +130,13 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
     subs: list[PlannedStratum] = []
     classes: dict[str, np.ndarray] = {}
     certified = getattr(predictor, "certified", None)
+    groups = plan.config.class_groups
+    gmap = None if groups is None else group_map(parse_groups(groups))
     for s in plan.strata:
         cls = predictor.classes(s.layer, s.bit, s.kernel, s.bits, s.target, s.kinds)
+        prior = {int(h): class_prior(h) for h in np.unique(cls).tolist()}
+        if gmap is not None:
+            cls, prior = _grouped(np.asarray(cls), gmap, groups)
         K, nb = len(s.kinds), len(s.bit_list)
         elem, rest = np.divmod(np.arange(cls.size), nb * K)
         index = (elem if s.kernel is None else
@@ -141,9 +156,26 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
             N = int(cnt[sel].sum())
             subs.append(PlannedStratum(
                 substratum_key(s.key, h), s.layer, s.target, s.bit, s.bits, s.kernel, N, N,
-                0 if h == CERTIFIED else min(N, AUDIT), class_prior(h), s.bit_list,
+                0 if h == CERTIFIED else min(N, AUDIT), prior.get(int(h), 0.0), s.bit_list,
                 s.elements, s.kernel_numel, s.kinds, crit=h, parent=s.key, counts=rows))
     return StratifiedPlan(plan.config, subs, plan.space, predictor, list(plan.strata), classes)
+
+
+def _grouped(cls: np.ndarray, gmap: np.ndarray, text: str
+             ) -> tuple[np.ndarray, dict[int, float]]:
+    """Classes mapped to their group's lowest class, and each group's prior (the
+    size-weighted mean of its classes' priors)."""
+    if cls.size and int(cls.max()) >= len(gmap):
+        raise ConfigError(f"class-groups: {text!r} covers classes 0..{len(gmap) - 1}, the "
+                          f"predictor gives class {int(cls.max())}")
+    cnt = np.bincount(cls.astype(np.int64), minlength=len(gmap))
+    prior: dict[int, float] = {}
+    for g in np.unique(gmap).tolist():
+        members = np.flatnonzero(gmap == g)
+        n = int(cnt[members].sum())
+        if n:
+            prior[g] = float(sum(cnt[m] * class_prior(int(m)) for m in members) / n)
+    return gmap[cls.astype(np.int64)], prior
 
 
 def _with_certified(cls: np.ndarray, certified: Any, s: PlannedStratum, index: np.ndarray,
@@ -260,9 +292,8 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
                 drawn = plan.draw(s, m, rounds + 1, done_k.get(s.key, ()))
                 new += [PlannedFault(start + len(new) + i, s.key, kk, f, kern, rounds + 1)
                         for i, (kk, f, kern) in enumerate(drawn)]
-    labels = predictor_labels(predictor)
     meta: dict[str, Any] = {"closed": sorted(closed), "calibration": {
-        class_label(labels, h): {"prior": class_prior(h), "audited": n, "critical": k,
+        sub_label(predictor, config, h): {"prior": class_prior(h), "audited": n, "critical": k,
                                  "rate": p}
         for h, (p, n, k) in calib.items()}}
     if new:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from flipguard.cli._common import console, escape, make_progress, print_json
 from flipguard.cli.options import command, option
 from flipguard.errors import ConfigError
 from flipguard.study import campaigns as sc
+from flipguard.study.calibration import class_groups_option
 
 app = typer.Typer(help="Statistical fault-injection campaigns (plan, run, status, export).",
                   no_args_is_help=True)
@@ -58,6 +59,10 @@ class PlanOptions:
                                      "stratified: faults proven to change no decision are "
                                      "counted exactly and never simulated; only the "
                                      "uncertified remainder is sampled.")
+    class_groups: str = option("auto", "--class-groups", help="With --sampling stratified: "
+                               "predicted classes sampled as one sub-stratum: auto (as the "
+                               "run's calibration from earlier campaigns says pays; none "
+                               "without one) | none | ranges, e.g. 0-2,3,4")
     stuck_at: str = option("all", "--stuck-at", help="Stuck-at population: all (default; "
                            "includes the no-op half, bit already at the stuck value) | "
                            "effective (only faults that change the stored bit)")
@@ -81,7 +86,14 @@ class PlanOptions:
             targets=_split(self.targets) or ("weight",), seed=self.seed, fmt=self.fmt,
             user_strata=None if user is None else tuple(user), sampling=self.sampling,
             criterion=self.criterion, t=self.t, stuck_at=self.stuck_at,
-            exclude_certified=self.exclude_certified)
+            exclude_certified=self.exclude_certified,
+            class_groups=class_groups_option(self.class_groups)[0]
+            if self.sampling == "stratified" else None)
+
+    @property
+    def auto_groups(self) -> bool:
+        """``--class-groups auto``: resolved against the run's calibration."""
+        return self.sampling == "stratified" and class_groups_option(self.class_groups)[1]
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,7 @@ def plan(run: Path | None = typer.Argument(None, help="Run directory (or use --m
                               ) from None
         summary = sc.plan_model(model, cfg, shape)
     elif run is not None:
-        summary = sc.plan_campaign(run, cfg, images, probe)
+        summary = sc.plan_campaign(run, cfg, images, probe, opts.auto_groups)
     else:
         raise ConfigError("RUN: expected a run directory or --model pkg.module:factory")
     if json_out:
@@ -177,7 +189,7 @@ def plan(run: Path | None = typer.Argument(None, help="Run directory (or use --m
 def run_cmd(run: Path = typer.Argument(..., help="Run directory."),
             *, plan: PlanOptions, how: RunOptions, json_out: bool = JSON) -> None:
     """Run (or resume) the campaign of RUN; results go to RUN/campaign.sqlite."""
-    cfg, opts = plan.config(), how.options()
+    cfg, opts = plan.config(), replace(how.options(), auto_groups=plan.auto_groups)
     bar = make_progress()  # shown once the store is open: errors before it stay one line
     task = bar.add_task("faults", total=None, info="")
 
@@ -212,6 +224,8 @@ def run_cmd(run: Path = typer.Argument(..., help="Run directory."),
     if summary.certified_pairs is not None:
         console.print(f"certified: {100 * summary.certified_pairs:.1f} % of the (fault, image) "
                       f"pairs (decision proven, not simulated)")
+    for note in summary.notes:
+        console.print(escape(note), highlight=False)
 
 
 @app.command("status")

@@ -36,6 +36,7 @@ from flipguard.campaign.runner import execute_chunk
 from flipguard.errors import ConfigError
 from flipguard.layers import evenly_spaced
 from flipguard.models import load_model
+from flipguard.study.calibration import record_calibration, resolve_class_groups
 from flipguard.study.engines import RunEngineFactory
 from flipguard.study.predictors import predictor_for_factory
 from flipguard.study.stores import check_run_store
@@ -50,7 +51,9 @@ class CampaignOptions:
     """How to run a campaign: evaluated ``images``, ``workers`` / ``ray`` backend, at most
     ``limit`` faults, ``fresh`` store, ``refine`` rounds (always for stratified plans),
     ``chunk`` faults per engine batch, ``probe`` faults timed first, ``certify`` (skip
-    the simulation of faults proven to change no decision)."""
+    the simulation of faults proven to change no decision), ``auto_groups`` (a stratified
+    plan groups predicted classes as the run's calibration says pays,
+    :func:`flipguard.study.calibration.resolve_class_groups`)."""
 
     images: int | None = None
     workers: int = 1
@@ -61,6 +64,7 @@ class CampaignOptions:
     chunk: int = 32
     probe: int = 4
     certify: bool = False
+    auto_groups: bool = False
 
 
 @dataclass
@@ -87,6 +91,7 @@ class RunSummary:
     rounds: int = 0
     certified_pairs: float | None = None
     """With --certify: the share of (fault, image) pairs of the store not simulated."""
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,11 +144,15 @@ def _notes(cfg: PlanConfig, plan: Any) -> list[str]:
 
 
 def plan_campaign(run: str | Path, cfg: PlanConfig, images: int | None = None,
-                  probe: int = 3) -> PlanSummary:
+                  probe: int = 3, auto_groups: bool = False) -> PlanSummary:
     """The plan of ``cfg`` for a run directory, with a time estimate from ``probe`` timed
-    faults (one process)."""
+    faults (one process); ``auto_groups``: see :class:`CampaignOptions`."""
     factory = RunEngineFactory(str(run), images=images, fmt=cfg.fmt)
-    plan = sampling_type(cfg.sampling).make(factory.model(), cfg, predictor_for(factory, cfg))
+    predictor = predictor_for(factory, cfg)
+    note = None
+    if auto_groups:
+        cfg, note = resolve_class_groups(run, cfg, factory, predictor)
+    plan = sampling_type(cfg.sampling).make(factory.model(), cfg, predictor)
     faults = plan.faults()
     per_fault = None
     sample = [faults[int(i)] for i in evenly_spaced(len(faults), probe)] if probe else []
@@ -154,7 +163,8 @@ def plan_campaign(run: str | Path, cfg: PlanConfig, images: int | None = None,
         per_fault = (time.perf_counter() - t0) / len(sample)
     d = plan.to_dict()
     total = d.get("predicted_total", plan.total)
-    return PlanSummary(d, None if per_fault is None else per_fault * total, _notes(cfg, plan))
+    return PlanSummary(d, None if per_fault is None else per_fault * total,
+                       _notes(cfg, plan) + ([note] if note else []))
 
 
 def plan_model(spec: str, cfg: PlanConfig, input_shape: tuple[int, ...] | None = None
@@ -184,6 +194,9 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
     factory = RunEngineFactory(str(run), images=opts.images, fmt=cfg.fmt, certify=opts.certify)
     predictor = predictor_for(factory, cfg)
     stratified = sampling_type(cfg.sampling).needs_predictor
+    note = None
+    if opts.auto_groups:
+        cfg, note = resolve_class_groups(run, cfg, factory, predictor, opts.fresh)
     with open_campaign(run, cfg, factory, fresh=opts.fresh, predictor=predictor) as store:
         if opts.certify and not cfg.exclude_certified:  # only layers where faults repay it
             # (an --exclude-certified plan has every layer's certificates already)
@@ -223,9 +236,11 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
                 break
         c = store.counts()
         share = _certified_share(store) if opts.certify else None
+        if stratified and ran:  # the run's calibration learns from every stratified campaign
+            record_calibration(run, store, factory, cfg, predictor)
     dt = time.perf_counter() - t0
     return RunSummary(ran, c["planned"], c["done"], dt, ran / dt if dt > 0 else float("nan"),
-                      rounds, share)
+                      rounds, share, [note] if note else [])
 
 
 def _certified_share(store: CampaignStore) -> float | None:

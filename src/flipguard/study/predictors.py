@@ -87,12 +87,14 @@ def calibration_table(run_or_store: Any, criterion: str = "accuracy-drop:0.01",
                       predictor: Predictor | None = None) -> list[dict[str, Any]]:
     """Predicted vs observed criticality of a campaign's executed faults, one row per
     predicted class: ``class``, ``label``, ``predicted`` (prior), ``n``, ``critical``,
-    ``observed`` rate and its Wilson ``ci``. A uniform campaign's faults are classified by
-    ``predictor`` (default: the run's cached predictor)."""
+    ``observed`` rate and its Wilson ``ci``. A uniform campaign's faults (and those of a
+    stratified one whose classes were grouped) are classified by ``predictor`` (default: the
+    run's cached predictor)."""
     store, opened = open_store(run_or_store)
     try:
         records = classify_store(store, criterion)
-        if records and split_key(records[0][0].stratum)[1] is not None:
+        grouped = store.definition.get("plan", {}).get("class_groups") is not None
+        if records and split_key(records[0][0].stratum)[1] is not None and not grouped:
             cls = np.array([split_key(pf.stratum)[1] for pf, _ in records], dtype=np.int64)
         else:
             if predictor is None:

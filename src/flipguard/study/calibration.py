@@ -1,0 +1,162 @@
+"""The run's persistent predictor calibration, and the class groups it chooses.
+
+Every stratified campaign of a run leaves its predicted-vs-observed counts per class (its
+executed faults, any round) in ``RUN/criticality/calibration.json``, keyed by what the
+predictor's classes mean (model, data, task, criterion, format, targets, fault model) and,
+within that, by campaign plan (a campaign run again replaces its own counts: nothing is
+counted twice). The next stratified plan of the same kind plans with the pooled rates
+``(k + 1/2) / (n + 1)`` and, with ``--class-groups auto``, samples classes whose rates do not
+differ enough to pay for separate sub-strata as one (:func:`flipguard.campaign.grouping.
+choose_groups`). The grouping is frozen into the plan before anything is drawn, so the
+estimates stay unbiased and the same seed gives the same faults.
+
+>>> from flipguard.study.calibration import CALIBRATION_FILE
+>>> CALIBRATION_FILE
+'criticality/calibration.json'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from flipguard.campaign.grouping import choose_groups, groups_text, parse_groups
+from flipguard.campaign.planner import PlanConfig, make_plan
+from flipguard.campaign.store import CampaignStore, store_path
+from flipguard.campaign.stratified import AUDIT, stratify_plan
+from flipguard.campaign.substrata import CERTIFIED, CLASS_LABELS, CLASS_PRIORS
+from flipguard.errors import ConfigError
+from flipguard.fileio import replacing
+from flipguard.study.predictors import calibration_table
+
+__all__ = ["CALIBRATION_FILE", "Calibration", "calibration_key", "class_groups_option",
+           "load_calibration", "record_calibration", "resolve_class_groups"]
+
+CALIBRATION_FILE = "criticality/calibration.json"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Pooled ``(n, k)`` per predicted class over ``campaigns`` earlier campaigns."""
+
+    counts: tuple[tuple[int, int], ...]
+    campaigns: int
+
+    @property
+    def faults(self) -> int:
+        return sum(n for n, _ in self.counts)
+
+    def rates(self) -> dict[int, float]:
+        """Rate to plan with per class: Jeffreys ``(k + 1/2) / (n + 1)``, the class prior
+        where no fault of the class was observed.
+
+        >>> Calibration(((100, 0), (0, 0), (10, 5), (0, 0), (0, 0)), 1).rates()[0]
+        0.0049504950495049506
+        """
+        return {h: (k + 0.5) / (n + 1.0) if n else CLASS_PRIORS[h]
+                for h, (n, k) in enumerate(self.counts)}
+
+
+def calibration_key(factory: Any, cfg: PlanConfig) -> str:
+    """What a class means: the predictor's inputs (fingerprints) and the plan's options."""
+    key = {"fp": factory.fingerprints(), "criterion": cfg.criterion, "fmt": cfg.fmt,
+           "targets": list(cfg.targets), "kinds": list(cfg.kinds), "version": _VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {"version": _VERSION, "entries": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+            raise ValueError("no 'entries' object")
+        for entry in data["entries"].values():
+            for rec in entry["campaigns"].values():
+                if len(rec["classes"]) != len(CLASS_LABELS):
+                    raise ValueError("'classes' needs one [n, k] pair per class")
+                [(int(n), int(k)) for n, k in rec["classes"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: expected flipguard's calibration JSON ({exc}); "
+                          f"remove it to start the calibration afresh") from None
+    return data
+
+
+def load_calibration(run: str | Path, key: str) -> Calibration | None:
+    """The pooled calibration of ``key`` in the run (None when nothing was recorded)."""
+    entry = _read(Path(run) / CALIBRATION_FILE)["entries"].get(key)
+    if not entry or not entry["campaigns"]:
+        return None
+    recs = list(entry["campaigns"].values())
+    counts = tuple((sum(int(r["classes"][h][0]) for r in recs),
+                    sum(int(r["classes"][h][1]) for r in recs))
+                   for h in range(len(CLASS_LABELS)))
+    return Calibration(counts, len(recs))
+
+
+def record_calibration(run: str | Path, store: CampaignStore, factory: Any, cfg: PlanConfig,
+                       predictor: Any) -> Path:
+    """Write the store's predicted-vs-observed counts into the run's calibration file
+    (atomically; the store's earlier counts are replaced)."""
+    rows = calibration_table(store, cfg.criterion, predictor=predictor)
+    path = Path(run) / CALIBRATION_FILE
+    data = _read(path)
+    entry = data["entries"].setdefault(calibration_key(factory, cfg), {
+        "criterion": cfg.criterion, "fmt": cfg.fmt, "campaigns": {}})
+    entry["campaigns"][store.definition.get("plan_digest", str(store_path(run)))] = {
+        "classes": [[int(r["n"]), int(r["critical"])] for r in rows],
+        "labels": [r["label"] for r in rows]}
+    with replacing(path, ".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    return path
+
+
+def resolve_class_groups(run: str | Path, cfg: PlanConfig, factory: Any, predictor: Any,
+                         fresh: bool = False) -> tuple[PlanConfig, str | None]:
+    """``cfg`` with the class groups ``--class-groups auto`` picks, and a note saying why.
+
+    A campaign being resumed keeps the groups it was planned with; without a calibration
+    nothing is grouped (the fixed class priors are not evidence); otherwise the grouping
+    with the smallest predicted campaign at the calibrated rates."""
+    if cfg.sampling != "stratified" or cfg.class_groups is not None:
+        return cfg, None
+    path = store_path(run)
+    if path.exists() and not fresh:
+        with CampaignStore(path) as store:
+            plan = store.definition.get("plan", {})
+        stored = plan.get("class_groups") if plan.get("sampling") == "stratified" else None
+        return replace(cfg, class_groups=stored), (
+            f"class groups: {stored or 'none'} (as the campaign being resumed)")
+    calib = load_calibration(run, calibration_key(factory, cfg))
+    if calib is None:
+        return cfg, "class groups: none (auto: no calibration of this run's predictor yet)"
+    plan = stratify_plan(make_plan(factory.model(), cfg), predictor)
+    sizes: dict[str, dict[int, int]] = {}
+    for s in plan.strata:
+        if s.crit != CERTIFIED:
+            sizes.setdefault(str(s.parent), {})[int(s.crit)] = s.N
+    best, table = choose_groups(list(sizes.values()), calib.rates(), cfg.error,
+                                cfg.confidence, AUDIT)
+    text = groups_text(best)
+    finest = groups_text(tuple((h,) for h in range(len(CLASS_LABELS))))
+    note = (f"class groups: {text} (auto, calibrated on {calib.faults:,} faults of "
+            f"{calib.campaigns} campaign(s): {table[text]:,} predicted faults vs "
+            f"{table[finest]:,} with every class apart)")
+    return replace(cfg, class_groups=None if text == finest else text), note
+
+
+def class_groups_option(text: str) -> tuple[str | None, bool]:
+    """CLI ``--class-groups``: ``(groups, auto)`` from ``auto`` | ``none`` | ``0-2,3,4``.
+
+    >>> class_groups_option("auto"), class_groups_option("0-2,3-4")
+    ((None, True), ('0-2,3-4', False))
+    """
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None, t == "auto"
+    return groups_text(parse_groups(t)), False
+
