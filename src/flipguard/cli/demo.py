@@ -88,6 +88,13 @@ def run_demo(
     _cli("campaign", "plan", rem_dir, *rem, "--probe", 0)
     _cli("campaign", "run", rem_dir, *rem)
     _cli("cfr", rem_dir, "--by", "layer")
+    console.print("[dim]the next stratified plan learns from this campaign's calibration "
+                  "(RUN/criticality/calibration.json): class groups chosen before drawing:[/dim]")
+    next_dir = _copy_run(run_dir, out / "run-calibrated")
+    for sub in ("criticality", "certificates"):
+        if (rem_dir / sub).is_dir():
+            shutil.copytree(rem_dir / sub, next_dir / sub, dirs_exist_ok=True)
+    _cli("campaign", "plan", next_dir, *rem, "--probe", 0)
     step("harden", "selective hardening under a 3 % memory budget, paired re-injection")
     _cli("harden", run_dir, "--budget", 0.03)
     if has_ra:

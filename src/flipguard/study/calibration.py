@@ -144,8 +144,9 @@ def resolve_class_groups(run: str | Path, cfg: PlanConfig, factory: Any, predict
     text = groups_text(best)
     finest = groups_text(tuple((h,) for h in range(len(CLASS_LABELS))))
     note = (f"class groups: {text} (auto, calibrated on {calib.faults:,} faults of "
-            f"{calib.campaigns} campaign(s): {table[text]:,} predicted faults vs "
-            f"{table[finest]:,} with every class apart)")
+            f"{calib.campaigns} campaign(s): at those rates {table[text]:,} faults predicted "
+            f"vs {table[finest]:,} with every class apart; the plan's p are the fixed class "
+            f"priors until its audit)")
     return replace(cfg, class_groups=None if text == finest else text), note
 
 
