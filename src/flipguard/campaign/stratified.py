@@ -134,7 +134,7 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
     gmap = None if groups is None else group_map(parse_groups(groups))
     for s in plan.strata:
         cls = predictor.classes(s.layer, s.bit, s.kernel, s.bits, s.target, s.kinds)
-        prior = {int(h): class_prior(h) for h in np.unique(cls).tolist()}
+        prior: dict[int, float] = {}  # a group's prior; a class's own otherwise
         if gmap is not None:
             cls, prior = _grouped(np.asarray(cls), gmap, groups)
         K, nb = len(s.kinds), len(s.bit_list)
@@ -156,8 +156,8 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
             N = int(cnt[sel].sum())
             subs.append(PlannedStratum(
                 substratum_key(s.key, h), s.layer, s.target, s.bit, s.bits, s.kernel, N, N,
-                0 if h == CERTIFIED else min(N, AUDIT), prior.get(int(h), 0.0), s.bit_list,
-                s.elements, s.kernel_numel, s.kinds, crit=h, parent=s.key, counts=rows))
+                0 if h == CERTIFIED else min(N, AUDIT), prior.get(int(h), class_prior(h)),
+                s.bit_list, s.elements, s.kernel_numel, s.kinds, crit=h, parent=s.key, counts=rows))
     return StratifiedPlan(plan.config, subs, plan.space, predictor, list(plan.strata), classes)
 
 

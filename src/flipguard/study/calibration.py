@@ -108,8 +108,7 @@ def record_calibration(run: str | Path, store: CampaignStore, factory: Any, cfg:
     entry = data["entries"].setdefault(calibration_key(factory, cfg), {
         "criterion": cfg.criterion, "fmt": cfg.fmt, "campaigns": {}})
     entry["campaigns"][store.definition.get("plan_digest", str(store_path(run)))] = {
-        "classes": [[int(r["n"]), int(r["critical"])] for r in rows],
-        "labels": [r["label"] for r in rows]}
+        "classes": [[int(r["n"]), int(r["critical"])] for r in rows]}
     with replacing(path, ".json") as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
     return path
