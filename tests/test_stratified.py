@@ -5,6 +5,7 @@ closed-form variance, the interval's closed forms, and the campaign integration.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -180,6 +181,28 @@ def test_interval_closed_forms():
     tighter = allocate([20000, 3000, 100, 700], [0.002, 0.02, 0.3, 0.95], 0.005, 0.99,
                        n0=[30, 30, 30, 30])
     assert (tighter >= n).all() and tighter.sum() > n.sum()
+
+
+def test_a_perfect_predictor_still_needs_the_zero_event_bound_unless_faults_are_certified():
+    """A class predicted and truly 0 % critical must bound its unseen rate: 0 of n gives the
+    Clopper-Pearson upper limit 1 - (alpha/2)^(1/n), so at e = 1 %, 99 % no plan of a layer
+    draws fewer than ln(0.005) / ln(0.99) = 527.2 faults (BENCHMARKS §12's floor); counting
+    certified faults exactly is what shrinks it: with a share c certified, the rest bounds its
+rate to e / (1 - c)."""
+    N, e, conf = 1_000_000, 0.01, 0.99
+    bound = math.log((1 - conf) / 2) / math.log(1 - e)
+    pure = allocate([N], [0.0], e, conf)
+    assert bound <= pure.sum() <= 1.1 * bound + 1
+    assert predicted_margin([N], pure, [0.0], conf) <= e
+    assert predicted_margin([N], [int(0.98 * bound)], [0.0], conf) > e  # the bound is sharp
+    split = allocate([900_000, 100_000], [0.0, 1.0], e, conf)  # perfect 0 % / 100 % classes
+    assert bound <= split.sum() <= 1.1 * bound + 31
+    for certified in (0.3, 0.5, 0.9):  # a certified sub-stratum is known: n = N
+        C = int(certified * N)
+        n = allocate([C, N - C], [0.0, 0.0], e, conf, have=[C, 0])
+        assert n[0] == C and predicted_margin([C, N - C], n, [0.0, 0.0], conf) <= e
+        need = math.log((1 - conf) / 2) / math.log(1 - e / (1 - certified))
+        assert need <= n[1] <= 1.1 * need + 31 and n[1] < (1 - certified / 2) * bound
 
 
 def test_stratified_campaign_end_to_end(tmp_path):
