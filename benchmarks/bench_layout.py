@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model = (RunEngineFactory(a.run).model() if a.run else build_cae()).eval()
+    factory = RunEngineFactory(a.run) if a.run else None
+    model = (factory.model() if factory else build_cae()).eval()
     p = next(model.parameters())
-    shape = (1, 128, 128) if not a.run else tuple(RunEngineFactory(a.run).parts().inputs.shape[1:])
+    shape = tuple(factory.parts().inputs.shape[1:]) if factory else (1, 128, 128)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         x = torch.rand(a.images, *shape, generator=g, dtype=p.dtype)
