@@ -44,6 +44,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--loss", default=D["loss"])
     ap.add_argument("--inpaint", type=float, default=D["inpaint"])
     ap.add_argument("--crop", type=int, default=D["crop"])
+    ap.add_argument("--schedule", default=D["schedule"])
+    ap.add_argument("--ema", type=float, default=D["ema"])
     ap.add_argument("--map", default=D["map"])
     ap.add_argument("--smooth", type=float, default=D["smooth"])
     ap.add_argument("--standardize", action=argparse.BooleanOptionalAction,
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         model={"width": a.width, "latent_dim": a.latent, "bottleneck": a.bottleneck,
                "latent_stride": a.latent_stride},
         train={"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "loss": a.loss,
-               "augment": True, "seed": a.seed, "inpaint": a.inpaint, "crop": a.crop},
+               "augment": True, "seed": a.seed, "inpaint": a.inpaint, "crop": a.crop,
+               "schedule": a.schedule, "ema": a.ema},
         score={"map": a.map, "smooth_sigma": a.smooth, "reduce": "max",
                "standardize": a.standardize},
         threshold_method=a.threshold, threshold_fpr=a.fpr, split_seed=a.seed, progress=progress,

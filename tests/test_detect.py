@@ -18,7 +18,7 @@ from flipguard.detect import (
     reconstruct,
 )
 from flipguard.errors import ConfigError, FlipguardError
-from flipguard.metrics import aupro, threshold_metrics
+from flipguard.metrics import aupro, auroc_se, threshold_metrics
 from flipguard.ssim import gaussian_blur, gms_map, msgms_map, ssim, ssim_map
 
 
@@ -297,7 +297,7 @@ def test_evaluate_detector_matches_direct_metrics():
         evaluate_detector(model, sc, thr, x, labels[:3])
 
 
-def test_select_map_is_the_validation_argmax_and_ignores_nothing_else():
+def test_select_map_follows_the_one_se_rule_on_validation_aurocs():
     from sklearn.metrics import roc_auc_score
 
     from flipguard.mapselect import select_map
@@ -310,13 +310,46 @@ def test_select_map_is_the_validation_argmax_and_ignores_nothing_else():
     cfg, table = select_map(ScoreConfig(smooth_sigma=1.0, standardize=True), model, train, val)
     bad, _ = paste_validation_defects(val, seed=0)
     y = np.r_[np.zeros(6), np.ones(6)]
-    ref = {}
+    ref, refse = {}, {}
     for name in ("ssim", "msgms", "l2"):
         c = fit_map_stats(ScoreConfig(map=name, smooth_sigma=1.0), model, train)
         sc = Scorer(c)
         with torch.no_grad():
             s = torch.cat([sc.scores(val, model(val)), sc.scores(bad, model(bad))]).numpy()
         ref[name] = roc_auc_score(y, s)
+        refse[name] = auroc_se(y, s)
         assert table[name] == pytest.approx(ref[name], abs=1e-4)
-    assert cfg.map == max(ref, key=lambda k: (ref[k], -("ssim", "msgms", "l2").index(k)))
+    se = refse[max(ref, key=lambda k: ref[k])]
+    order = ("msgms", "ssim", "l2")
+    assert cfg.map == next(k for k in order if ref[k] >= max(ref.values()) - se)
     assert cfg.standardize and cfg.norm_mean is not None
+
+
+def test_one_se_rule_prefers_msgms_only_within_noise():
+    from flipguard.mapselect import MAP_CANDIDATES, choose_within_se
+
+    assert MAP_CANDIDATES[0] == "msgms"
+    t = {"msgms": 0.970, "ssim": 0.983, "l2": 0.990}
+    assert choose_within_se(t, MAP_CANDIDATES, 0.0) == "l2"  # se 0: the plain argmax
+    assert choose_within_se(t, MAP_CANDIDATES, 0.008) == "ssim"
+    assert choose_within_se(t, MAP_CANDIDATES, 0.02) == "msgms"
+    assert choose_within_se(t, ("l2", "ssim", "msgms"), 0.02) == "l2"  # order matters
+
+
+def test_auroc_se_matches_the_monte_carlo_spread_of_binormal_aurocs():
+    from flipguard.metrics import image_auroc
+
+    rng = np.random.default_rng(0)
+    for shift, n_pos, n_neg in ((2.9, 66, 66), (1.0, 40, 120), (0.0, 30, 30)):
+        y = np.r_[np.zeros(n_neg), np.ones(n_pos)]
+        aucs, ses = [], []
+        for _ in range(1000):
+            s = np.r_[rng.normal(0, 1, n_neg), rng.normal(shift, 1, n_pos)]
+            aucs.append(image_auroc(y, s))
+            ses.append(auroc_se(y, s))
+        ratio = float(np.mean(ses)) / float(np.std(aucs))
+        assert 0.88 < ratio < 1.12, (shift, ratio)
+    # a constant score has no spread; one class is an error naming the function
+    assert auroc_se([0, 0, 1, 1], [1, 1, 1, 1]) == 0.0
+    with pytest.raises(FlipguardError, match="auroc_se"):
+        auroc_se([0, 0, 1], [0.1, 0.2, 0.3])

@@ -1,4 +1,5 @@
-"""Training loop for reconstruction models (Adam, L2/SSIM losses, light seeded augmentation).
+"""Training loop for reconstruction models (Adam, L2/SSIM losses, light seeded augmentation,
+optional cosine learning-rate decay and an exponential moving average of the weights).
 
 Shuffling and augmentation draw from one ``torch.Generator`` seeded with ``cfg.seed`` (the
 global RNG is never touched), so the same model initialisation, data and config give
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flipguard.errors import FlipguardError
 from flipguard.models.cae import StrictConfig
@@ -58,6 +60,13 @@ class TrainConfig(StrictConfig):
     crop: int = Field(
         0, ge=0, description="patch-based training: random crop side in pixels per image and "
         "step (a multiple of 16; 0 = whole images). Inference stays on whole images.",
+    )
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning rate: constant, or cosine decay to 0 over all steps"
+    )
+    ema: float = Field(
+        0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights "
+        "that replaces them at the end (0 = off; e.g. 0.999)",
     )
     seed: int = Field(0, ge=0)
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:1', ... or 'auto'")
@@ -180,6 +189,11 @@ def train_model(
     gen = torch.Generator().manual_seed(cfg.seed)
     data = images.detach().float().cpu()
     n = data.shape[0]
+    steps = cfg.epochs * -(-n // cfg.batch_size)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+             if cfg.schedule == "cosine" else None)
+    avg = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema > 0 else None)
     history: list[float] = []
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(n, generator=gen)
@@ -200,9 +214,18 @@ def train_model(
                                  f"(TrainConfig.lr={cfg.lr} too high?)")
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
+            if avg is not None:
+                avg.update_parameters(model)
             total += float(loss.detach()) * batch.shape[0]
         history.append(total / n)
         if progress is not None:
             progress(epoch, history[-1])
+    if avg is not None:
+        with torch.no_grad():
+            for dst, src in zip(model.state_dict().values(), avg.module.state_dict().values(),
+                                strict=True):
+                dst.copy_(src)
     model.eval()
     return history

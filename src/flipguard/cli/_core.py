@@ -142,6 +142,12 @@ def train(
     crop: int = typer.Option(
         D["crop"], "--crop", help="Patch training: random crop side (multiple of 16; 0 = off)."
     ),
+    schedule: str = typer.Option(
+        D["schedule"], "--schedule", help="Learning rate: constant | cosine (decay to 0)."
+    ),
+    ema: float = typer.Option(
+        D["ema"], "--ema", help="Weight EMA decay kept as the final model (0 = off, e.g. 0.999)."
+    ),
     score_map: str = typer.Option(
         D["map"], "--map",
         help="Anomaly map: l2 | ssim | msgms | auto (best on held-out normal images with "
@@ -182,7 +188,7 @@ def train(
     o = detector_options(width=width, latent=latent, bottleneck=bottleneck,
                          latent_stride=latent_stride, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss, inpaint=inpaint, crop=crop, map=score_map,
-                         smooth=smooth, standardize=standardize)
+                         smooth=smooth, standardize=standardize, schedule=schedule, ema=ema)
     model = o["model"]
     train_opts = {**o["train"], "augment": augment, "seed": seed}
     score = {**o["score"], "reduce": reduce}

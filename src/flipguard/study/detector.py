@@ -63,6 +63,8 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "loss": "l2+ssim",
     "inpaint": 0.5,
     "crop": 0,
+    "schedule": "constant",
+    "ema": 0.0,
     "map": "auto",
     "smooth": 2.0,
     "standardize": True,
@@ -88,7 +90,8 @@ def detector_options(**overrides: Any) -> dict[str, Any]:
         "model": {"width": d["width"], "latent_dim": d["latent"], "bottleneck": d["bottleneck"],
                   "latent_stride": d["latent_stride"]},
         "train": {"epochs": d["epochs"], "batch_size": d["batch_size"], "lr": d["lr"],
-                  "loss": d["loss"], "inpaint": d["inpaint"], "crop": d["crop"]},
+                  "loss": d["loss"], "inpaint": d["inpaint"], "crop": d["crop"],
+                  "schedule": d["schedule"], "ema": d["ema"]},
         "score": {"map": d["map"], "smooth_sigma": d["smooth"],
                   "standardize": d["standardize"]},
     }
