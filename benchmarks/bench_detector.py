@@ -50,6 +50,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--smooth", type=float, default=D["smooth"])
     ap.add_argument("--standardize", action=argparse.BooleanOptionalAction,
                     default=D["standardize"])
+    ap.add_argument("--ignore-margin", action=argparse.BooleanOptionalAction,
+                    default=D["ignore_margin"])
     ap.add_argument("--latent", type=int, default=D["latent"])
     ap.add_argument("--bottleneck", default=D["bottleneck"])
     ap.add_argument("--latent-stride", type=int, default=D["latent_stride"])
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                "augment": True, "seed": a.seed, "inpaint": a.inpaint, "crop": a.crop,
                "schedule": a.schedule, "ema": a.ema},
         score={"map": a.map, "smooth_sigma": a.smooth, "reduce": "max",
-               "standardize": a.standardize},
+               "standardize": a.standardize, "ignore_margin": a.ignore_margin},
         threshold_method=a.threshold, threshold_fpr=a.fpr, split_seed=a.seed, progress=progress,
     )
     cpu_total = time.process_time() - c0

@@ -24,13 +24,17 @@ from flipguard.inject.tasks import ToleranceTask
 from flipguard.models.cae import CAEConfig, build_cae
 
 SCORES = [ScoreConfig(map="l2", smooth_sigma=0.0), ScoreConfig(map="ssim", reduce="mean"),
-          ScoreConfig(map="msgms", smooth_sigma=2.0), ScoreConfig(map="ssim", smooth_sigma=1.0)]
+          ScoreConfig(map="msgms", smooth_sigma=2.0), ScoreConfig(map="ssim", smooth_sigma=1.0),
+          ScoreConfig(map="msgms", smooth_sigma=1.0, ignore_margin=True)]
 
 
-@pytest.mark.parametrize("cfg", SCORES, ids=lambda c: f"{c.map}-{c.reduce}-{c.smooth_sigma}")
+@pytest.mark.parametrize(
+    "cfg", SCORES, ids=lambda c: f"{c.map}-{c.reduce}-{c.smooth_sigma}-{c.ignore_margin}")
 def test_score_interval_holds_every_perturbed_score(cfg):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 1, 24, 24, generator=g)
+    if cfg.ignore_margin:  # edge-padded margins of 4 and 5 columns
+        x = torch.nn.functional.pad(x[..., 4:19], (4, 5, 0, 0), mode="replicate")
     r = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     if cfg.map == "msgms":
         cfg = fit_map_stats(cfg, nn.Identity(), torch.rand(6, 1, 24, 24, generator=g), 8)
@@ -84,7 +88,10 @@ def _case(name: str):
     net = _cae()
     contrast = torch.linspace(0.05, 1.0, 40).reshape(-1, 1, 1, 1)  # spread-out scores
     x = 0.5 + contrast * (torch.rand(40, 1, 16, 16, generator=g) - 0.5)
-    cfg = ScoreConfig(map="ssim" if name == "cae-ssim" else "msgms", smooth_sigma=1.0)
+    cfg = ScoreConfig(map="ssim" if name == "cae-ssim" else "msgms", smooth_sigma=1.0,
+                      ignore_margin=name == "cae-margin")
+    if name == "cae-margin":  # tiles 16 x 10 placed as resize="fit" does: edge-padded margins
+        x = torch.nn.functional.pad(x[..., 3:13], (3, 3, 0, 0), mode="replicate")
     scorer = Scorer(cfg)
     with torch.no_grad():
         s = scorer.scores(x, net(x))
@@ -133,7 +140,8 @@ def _check(name: str, fmt: str, n: int, inflate: float = 1.0,
 
 
 CASES = [("cnn", "fp32"), ("cnn", "fp16"), ("cnn", "bf16"), ("cnn", "int8"), ("mlp", "fp32"),
-         ("mlp", "bf16"), ("tolerance", "fp32"), ("cae-msgms", "fp32"), ("cae-ssim", "fp32")]
+         ("mlp", "bf16"), ("tolerance", "fp32"), ("cae-msgms", "fp32"), ("cae-ssim", "fp32"),
+         ("cae-margin", "fp32")]
 
 
 @pytest.mark.parametrize(("name", "fmt"), CASES)

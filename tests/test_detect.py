@@ -353,3 +353,63 @@ def test_auroc_se_matches_the_monte_carlo_spread_of_binormal_aurocs():
     assert auroc_se([0, 0, 1, 1], [1, 1, 1, 1]) == 0.0
     with pytest.raises(FlipguardError, match="auroc_se"):
         auroc_se([0, 0, 1], [0.1, 0.2, 0.3])
+
+
+def test_content_box_finds_the_fit_margin_of_real_loaded_images(tmp_path):
+    """Images of unequal aspect read with resize='fit': the box found from the pixels alone
+    is the placement the reader used; square and constant images keep their full extent."""
+    from PIL import Image
+
+    from flipguard.data import load_mvtec
+    from flipguard.data.mvtec import _fit_geometry
+    from flipguard.detect import content_box
+
+    rng = np.random.default_rng(3)
+    sizes = [(37, 90), (120, 41), (64, 64), (50, 51), (200, 33)]
+    for split in ("train/good", "test/good", "test/crack"):
+        (tmp_path / split).mkdir(parents=True)
+    (tmp_path / "ground_truth/crack").mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes):
+        arr = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"train/good/t{i}.png")
+        Image.fromarray(arr).save(tmp_path / f"test/crack/c{i}.jpg", quality=90)
+        Image.fromarray(np.zeros((h, w), np.uint8)).save(
+            tmp_path / f"ground_truth/crack/c{i}_mask.png")
+    Image.fromarray(np.full((30, 70), 128, np.uint8)).save(tmp_path / "test/good/flat.png")
+    ds = load_mvtec(tmp_path, size=32, resize="fit")
+    want = []
+    for w, h in sizes:
+        nw, nh, left, top = _fit_geometry((w, h), 32)
+        want.append([top, top + nh, left, left + nw])
+    assert content_box(ds.train).tolist() == want
+    assert content_box(ds.test).tolist() == [[0, 32, 0, 32]] + want  # flat image: full
+    stretched = load_mvtec(tmp_path, size=32, resize="stretch")
+    assert content_box(stretched.train).tolist() == [[0, 32, 0, 32]] * len(sizes)
+
+
+def test_ignore_margin_scores_the_max_over_the_content_box_only():
+    from flipguard.detect import content_box
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.pad(torch.rand(5, 1, 24, 14, generator=g), (5, 5, 0, 0),
+                                mode="replicate")
+    x[3] = torch.rand(1, 24, 24, generator=g)  # one image without margin
+    r = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    r[:, :, :, :2] = 1 - x[:, :, :, :2]  # large residuals in the left margin
+    base = fit_map_stats(ScoreConfig(map="msgms", smooth_sigma=1.0), nn.Identity(),
+                         torch.rand(4, 1, 24, 24, generator=g), 8)
+    plain = Scorer(base)
+    masked = Scorer(base.model_copy(update={"ignore_margin": True}))
+    m0, m1 = plain.maps(x, r), masked.maps(x, r)
+    box = content_box(x)
+    assert box.tolist() == [[0, 24, 5, 19]] * 3 + [[0, 24, 0, 24]] + [[0, 24, 5, 19]]
+    for i, (t, b, le, ri) in enumerate(box.tolist()):
+        inside = m0[i, 0, t:b, le:ri]
+        assert torch.equal(m1[i, 0, t:b, le:ri], inside)  # content untouched
+        assert masked.scores(x[i : i + 1], r[i : i + 1]).item() == inside.max().item()
+        assert m1[i].max() == inside.max() and m1[i].min() == inside.min()
+    assert (plain.scores(x, r) > masked.scores(x, r))[[0, 1, 2, 4]].all()  # margin ignored
+    assert plain.scores(x, r)[3] == masked.scores(x, r)[3]
+    side = masked.input_side(x).take(np.array([4, 0]))  # the campaign path agrees bit for bit
+    assert torch.equal(masked.scores(x[[4, 0]], r[[4, 0]], side=side),
+                       masked.scores(x[[4, 0]], r[[4, 0]]))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from flipguard.errors import ConfigError
@@ -46,6 +46,8 @@ __all__ = [
     "ScoreConfig",
     "Scorer",
     "InputSide",
+    "content_box",
+    "fill_margin",
     "reconstruct",
     "fit_map_stats",
     "calibrate_threshold",
@@ -75,8 +77,20 @@ class ScoreConfig(StrictConfig):
         False, description="standardise maps per position with normal-image statistics "
         "(norm_mean / norm_std, fitted by fit_map_stats on train/good images)"
     )
+    ignore_margin: bool = Field(
+        False, description="score only each image's content box: leading/trailing rows and "
+        "columns that repeat their neighbour exactly (the edge-replicated margin of "
+        "resize='fit') get the image's content minimum in the map (max reduce only)",
+    )
     norm_mean: list[list[float]] | None = Field(None, description="G x G mean map grid")
     norm_std: list[list[float]] | None = Field(None, description="G x G std map grid (floored)")
+
+    @field_validator("ignore_margin")
+    @classmethod
+    def _margin_needs_max(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("reduce") != "max":
+            raise ValueError("expected reduce='max' with ignore_margin")
+        return v
 
     @field_validator("ssim_window")
     @classmethod
@@ -93,6 +107,59 @@ class ScoreConfig(StrictConfig):
         if v is not None and not np.isfinite(np.asarray(v, dtype=np.float64)).all():
             raise ValueError("expected finite values")
         return v
+
+
+def _repeats(same: torch.Tensor) -> torch.Tensor:
+    """Per row of ``same`` (N, L): the number of leading True values."""
+    return same.long().cumprod(dim=1).sum(dim=1)
+
+
+def content_box(x: torch.Tensor) -> torch.Tensor:
+    """Per image of ``x`` (N, C, H, W) the box ``(top, bottom, left, right)`` (exclusive
+    ends, int64 (N, 4)) left after removing leading and trailing rows / columns that are
+    exact copies of their inner neighbour — the margin that ``resize="fit"`` fills by
+    repeating edge pixels. An image with no such rows keeps its full extent; a constant
+    image keeps its full extent too (nothing distinguishes margin from content).
+
+    Example:
+        >>> x = torch.rand(1, 1, 6, 4); x[0, 0, :2] = x[0, 0, 2]   # two margin rows on top
+        >>> content_box(x).tolist()
+        [[2, 6, 0, 4]]
+    """
+    n, _, h, w = x.shape
+    if h > 1:
+        same_r = (x[:, :, 1:, :] == x[:, :, :-1, :]).all(dim=3).all(dim=1)  # (N, H-1)
+        top, bottom = _repeats(same_r), _repeats(same_r.flip(1))
+    else:
+        top = bottom = torch.zeros(n, dtype=torch.long)
+    if w > 1:
+        same_c = (x[:, :, :, 1:] == x[:, :, :, :-1]).all(dim=2).all(dim=1)  # (N, W-1)
+        left, right = _repeats(same_c), _repeats(same_c.flip(1))
+    else:
+        left = right = torch.zeros(n, dtype=torch.long)
+    box = torch.stack([top, h - bottom, left, w - right], dim=1).cpu()
+    empty = (box[:, 0] >= box[:, 1]) | (box[:, 2] >= box[:, 3])
+    box[empty] = torch.tensor([0, h, 0, w])
+    return box
+
+
+def fill_margin(m: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """``m`` (N, 1, H, W) with every position outside each image's ``box`` set to that
+    image's minimum inside it, so the maximum of the map is the maximum over the box.
+
+    Example:
+        >>> m = torch.arange(16.).reshape(1, 1, 4, 4)
+        >>> fill_margin(m, torch.tensor([[0, 2, 0, 4]]))[0, 0, 2:].tolist()
+        [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    h, w = m.shape[-2:]
+    yy = torch.arange(h, device=m.device).view(1, h, 1)
+    xx = torch.arange(w, device=m.device).view(1, 1, w)
+    b = box.to(m.device)
+    inside = ((yy >= b[:, 0, None, None]) & (yy < b[:, 1, None, None])
+              & (xx >= b[:, 2, None, None]) & (xx < b[:, 3, None, None])).unsqueeze(1)
+    low = torch.where(inside, m, torch.full_like(m, float("inf"))).flatten(1).amin(1)
+    return torch.where(inside, m, low.view(-1, 1, 1, 1).to(m.dtype))
 
 
 class InputSide:
@@ -190,6 +257,8 @@ class Scorer:
             m = gaussian_blur(m, self.cfg.smooth_sigma)
         if self.cfg.standardize:
             m = self._standardize(m)
+        if self.cfg.ignore_margin:
+            m = fill_margin(m, content_box(x))
         return m
 
     def _chunks(self, inputs: torch.Tensor, recon: torch.Tensor,
@@ -252,6 +321,9 @@ class Scorer:
         if c.standardize:
             mu, sd = (t.to(torch.float64) for t in self._standardize_stats(m_lo))
             m_lo, m_hi = (m_lo - mu) / sd, (m_hi - mu) / sd
+        if c.ignore_margin:  # max over the box of a bound is a bound of the max over the box
+            box = content_box(inputs)
+            m_lo, m_hi = fill_margin(m_lo, box), fill_margin(m_hi, box)
         return self.reduce(m_lo), self.reduce(m_hi)
 
     def scores(self, inputs: torch.Tensor, recon: torch.Tensor,
@@ -290,7 +362,7 @@ def fit_map_stats(
         raise ConfigError(f"fit_map_stats: expected at least 2 normal images "
                           f"(got {images.shape[0]})")
     plain = Scorer(cfg.model_copy(update={"standardize": False, "norm_mean": None,
-                                          "norm_std": None}))
+                                          "norm_std": None, "ignore_margin": False}))
     parts = [plain.maps(x, reconstruct(model, x, batch_size, device)).cpu().double()
              for x in images.split(batch_size)]
     maps = torch.cat(parts)

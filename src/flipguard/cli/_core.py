@@ -150,13 +150,19 @@ def train(
     ),
     score_map: str = typer.Option(
         D["map"], "--map",
-        help="Anomaly map: l2 | ssim | msgms | auto (best on held-out normal images with "
-        "pasted synthetic defects; never the test set).",
+        help="Anomaly map: l2 | ssim | msgms | auto (held-out normal images with pasted "
+        "synthetic defects, never the test set: msgms unless another map leads by more than "
+        "one standard error).",
     ),
     smooth: float = typer.Option(
         D["smooth"], "--smooth", help="Gaussian sigma of the map (0 = off)."
     ),
     reduce: str = typer.Option("max", "--reduce", help="Image score: max | mean"),
+    ignore_margin: bool = typer.Option(
+        D["ignore_margin"], "--ignore-margin/--no-ignore-margin",
+        help="Score only each image's content, not the edge-replicated margin of --resize fit "
+        "(with --reduce max).",
+    ),
     standardize: bool = typer.Option(
         D["standardize"], "--standardize/--no-standardize",
         help="Per-position z-scores of the map against normal training images.",
@@ -188,7 +194,8 @@ def train(
     o = detector_options(width=width, latent=latent, bottleneck=bottleneck,
                          latent_stride=latent_stride, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss, inpaint=inpaint, crop=crop, map=score_map,
-                         smooth=smooth, standardize=standardize, schedule=schedule, ema=ema)
+                         smooth=smooth, standardize=standardize, schedule=schedule, ema=ema,
+                         ignore_margin=ignore_margin and reduce == "max")
     model = o["model"]
     train_opts = {**o["train"], "augment": augment, "seed": seed}
     score = {**o["score"], "reduce": reduce}

@@ -68,6 +68,7 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "map": "auto",
     "smooth": 2.0,
     "standardize": True,
+    "ignore_margin": True,
     "fpr": 0.05,
 }
 """The default detector (``flipguard train``, ``flipguard study``, the benchmarks)."""
@@ -93,7 +94,7 @@ def detector_options(**overrides: Any) -> dict[str, Any]:
                   "loss": d["loss"], "inpaint": d["inpaint"], "crop": d["crop"],
                   "schedule": d["schedule"], "ema": d["ema"]},
         "score": {"map": d["map"], "smooth_sigma": d["smooth"],
-                  "standardize": d["standardize"]},
+                  "standardize": d["standardize"], "ignore_margin": d["ignore_margin"]},
     }
 
 
