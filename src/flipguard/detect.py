@@ -219,7 +219,8 @@ class Scorer:
 
     def input_side(self, inputs: torch.Tensor) -> InputSide:
         """The parts of every image's map that depend on the input alone (SSIM: local mean
-        and second moment; MS-GMS: gradient magnitudes per scale; L2: none), computed once
+        and second moment; MS-GMS: gradient magnitudes per scale; L2: none; with
+        ``ignore_margin`` also the content box), computed once
         so that scoring many reconstructions of the same inputs — a campaign's faults —
         skips them: ``scores(x, r, side=side.take(rows))`` is bit-identical to
         ``scores(x, r)``.
@@ -238,14 +239,19 @@ class Scorer:
         return InputSide([torch.cat(t) for t in zip(*parts, strict=True)] if parts else [])
 
     def _side(self, x: torch.Tensor) -> list[torch.Tensor]:
+        box = [content_box(x)] if self.cfg.ignore_margin else []
         if self.cfg.map == "msgms":
-            return msgms_input_side(x)
+            return msgms_input_side(x) + box
         if self.cfg.map == "ssim":
-            return list(ssim_input_side(x, self.cfg.ssim_window, self.cfg.ssim_sigma))
-        return []
+            return list(ssim_input_side(x, self.cfg.ssim_window, self.cfg.ssim_sigma)) + box
+        return box
 
     def _maps(self, x: torch.Tensor, r: torch.Tensor, side: list[torch.Tensor] | None = None
               ) -> torch.Tensor:
+        box = None
+        if self.cfg.ignore_margin:  # the content box is the last input-side term
+            box = content_box(x) if side is None else side[-1]
+            side = None if side is None else side[:-1]
         if self.cfg.map == "l2":
             m = (x - r).square().mean(dim=1, keepdim=True)
         elif self.cfg.map == "msgms":
@@ -257,8 +263,8 @@ class Scorer:
             m = gaussian_blur(m, self.cfg.smooth_sigma)
         if self.cfg.standardize:
             m = self._standardize(m)
-        if self.cfg.ignore_margin:
-            m = fill_margin(m, content_box(x))
+        if box is not None:
+            m = fill_margin(m, box)
         return m
 
     def _chunks(self, inputs: torch.Tensor, recon: torch.Tensor,
