@@ -26,7 +26,7 @@ from _emit import command, emit  # noqa: E402
 from flipguard.data import split_validation  # noqa: E402
 from flipguard.detect import reconstruct  # noqa: E402
 from flipguard.metrics import best_f1_threshold, threshold_metrics  # noqa: E402
-from flipguard.study.detector import train_detector  # noqa: E402
+from flipguard.study.detector import detector_options, train_detector  # noqa: E402
 from flipguard.threshold import calibrate_threshold  # noqa: E402
 
 
@@ -104,16 +104,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"epoch {done}/{total} loss={info.get('loss', 0):.4f} "
                   f"t={time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
+    o = detector_options(
+        size=a.size, resize=a.resize, width=a.width, latent=a.latent, bottleneck=a.bottleneck,
+        latent_stride=a.latent_stride, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        loss=a.loss, inpaint=a.inpaint, crop=a.crop, schedule=a.schedule, ema=a.ema,
+        map=a.map, smooth=a.smooth, standardize=a.standardize, ignore_margin=a.ignore_margin,
+        fpr=a.fpr)
     run = train_detector(
-        a.data, a.out, size=a.size, resize=a.resize,
-        model={"width": a.width, "latent_dim": a.latent, "bottleneck": a.bottleneck,
-               "latent_stride": a.latent_stride},
-        train={"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "loss": a.loss,
-               "augment": True, "seed": a.seed, "inpaint": a.inpaint, "crop": a.crop,
-               "schedule": a.schedule, "ema": a.ema},
-        score={"map": a.map, "smooth_sigma": a.smooth, "reduce": "max",
-               "standardize": a.standardize, "ignore_margin": a.ignore_margin},
-        threshold_method=a.threshold, threshold_fpr=a.fpr, split_seed=a.seed, progress=progress,
+        a.data, a.out, size=o["size"], resize=o["resize"], model=o["model"],
+        train={**o["train"], "augment": True, "seed": a.seed},
+        score={**o["score"], "reduce": "max"}, threshold_method=a.threshold,
+        threshold_fpr=o["threshold_fpr"], split_seed=a.seed, progress=progress,
     )
     cpu_total = time.process_time() - c0
     m = run.metrics

@@ -109,9 +109,9 @@ class ScoreConfig(StrictConfig):
         return v
 
 
-def _repeats(same: torch.Tensor) -> torch.Tensor:
-    """Per row of ``same`` (N, L): the number of leading True values."""
-    return same.long().cumprod(dim=1).sum(dim=1)
+def _edges(same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``same`` (N, L): the number of leading and of trailing True values."""
+    return same.long().cumprod(1).sum(1), same.flip(1).long().cumprod(1).sum(1)
 
 
 def content_box(x: torch.Tensor) -> torch.Tensor:
@@ -126,17 +126,9 @@ def content_box(x: torch.Tensor) -> torch.Tensor:
         >>> content_box(x).tolist()
         [[2, 6, 0, 4]]
     """
-    n, _, h, w = x.shape
-    if h > 1:
-        same_r = (x[:, :, 1:, :] == x[:, :, :-1, :]).all(dim=3).all(dim=1)  # (N, H-1)
-        top, bottom = _repeats(same_r), _repeats(same_r.flip(1))
-    else:
-        top = bottom = torch.zeros(n, dtype=torch.long)
-    if w > 1:
-        same_c = (x[:, :, :, 1:] == x[:, :, :, :-1]).all(dim=2).all(dim=1)  # (N, W-1)
-        left, right = _repeats(same_c), _repeats(same_c.flip(1))
-    else:
-        left = right = torch.zeros(n, dtype=torch.long)
+    h, w = x.shape[-2:]
+    top, bottom = _edges((x[..., 1:, :] == x[..., :-1, :]).all(dim=3).all(dim=1))
+    left, right = _edges((x[..., :, 1:] == x[..., :, :-1]).all(dim=2).all(dim=1))
     box = torch.stack([top, h - bottom, left, w - right], dim=1).cpu()
     empty = (box[:, 0] >= box[:, 1]) | (box[:, 2] >= box[:, 3])
     box[empty] = torch.tensor([0, h, 0, w])

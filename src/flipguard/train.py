@@ -223,9 +223,6 @@ def train_model(
         if progress is not None:
             progress(epoch, history[-1])
     if avg is not None:
-        with torch.no_grad():
-            for dst, src in zip(model.state_dict().values(), avg.module.state_dict().values(),
-                                strict=True):
-                dst.copy_(src)
+        model.load_state_dict(avg.module.state_dict())
     model.eval()
     return history
