@@ -55,6 +55,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--latent", type=int, default=D["latent"])
     ap.add_argument("--bottleneck", default=D["bottleneck"])
     ap.add_argument("--latent-stride", type=int, default=D["latent_stride"])
+    ap.add_argument("--memory", type=int, default=D["memory"])
     ap.add_argument("--width", type=float, default=D["width"])
     ap.add_argument("--fpr", type=float, default=D["fpr"])
     ap.add_argument("--threshold", default="auto")
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     o = detector_options(
         size=a.size, resize=a.resize, width=a.width, latent=a.latent, bottleneck=a.bottleneck,
-        latent_stride=a.latent_stride, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        latent_stride=a.latent_stride, memory=a.memory, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr,
         loss=a.loss, inpaint=a.inpaint, crop=a.crop, schedule=a.schedule, ema=a.ema,
         map=a.map, smooth=a.smooth, standardize=a.standardize, ignore_margin=a.ignore_margin,
         fpr=a.fpr)

@@ -152,6 +152,38 @@ def test_certified_faults_never_change_a_decision(name, fmt):
     assert certified >= 0.05 * n  # not vacuous: >= 5 % of the (fault, image) pairs proven
 
 
+def _cut_only(name: str, n: int, inflate: float = 1.0) -> tuple[int, int, int]:
+    """Certification at cuts alone (no fault certified before simulation): certified
+    (fault, image) pairs, unsound ones, and pairs dropped mid-way."""
+    net, x, task = _case(name)
+    faults = _faults(net, "fp32", n, seed=3)
+    eng = Engine(net, x, task, certify=True, batch_size=16).prepare()
+    cert = eng.certifier
+    cert.image_mask = lambda *a: None  # type: ignore[method-assign]
+    if inflate != 1.0:  # every image, also those near the threshold, gets a large radius
+        cert._cuts = {k: np.full_like(v, v.max() * inflate) for k, v in cert.cut_radii().items()}
+    got, ref = eng.run(faults), Engine(net, x, task, batch_size=16).run(faults)
+    unsound = sum(1 for a, b in zip(got, ref, strict=True) if not a.same_decisions(b))
+    assert all(a.n_images + a.n_certified == b.n_images for a, b in zip(got, ref, strict=True))
+    return sum(a.n_certified for a in got), unsound, len(faults) * len(x)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "cae-msgms", "cae-margin"])
+def test_cut_certificates_are_sound(name):
+    # A simulated image is dropped at a cut once its measured change there is below the
+    # cut's certificate; its decision must be what full simulation gives.
+    certified, unsound, pairs = _cut_only(name, 400)
+    assert unsound == 0
+    assert certified >= 0.1 * pairs  # not vacuous
+
+
+def test_a_loosened_cut_certificate_is_caught():
+    # The CNN case, whose top-1 decisions many faults flip: cut radii 10^4 times the largest
+    # on every image certify rows that simulation shows changed their decision.
+    certified, unsound, _ = _cut_only("cnn", 400, inflate=1e4)
+    assert unsound > 0 and certified > 0
+
+
 def test_worst_case_rounding_is_sound_and_stricter():
     strict, unsound = _check("cnn", "fp32", 1500, rounding="worst-case")
     assert unsound == 0
@@ -166,6 +198,9 @@ def test_certificates_round_trip(tmp_path):
     for name in ("1", "3", "5"):
         assert np.array_equal(other.table(name), eng.certifier.table(name))
     assert np.array_equal(other.radius(), eng.certifier.radius())
+    cuts = eng.certifier.cut_radii()
+    assert cuts and other._cuts is not None and other._cuts.keys() == cuts.keys()
+    assert all(np.array_equal(other.cut_radius(k), v) for k, v in cuts.items())
     with pytest.raises(ConfigError, match="images"):
         Certifier(Engine(net, x[:5], ClassificationTask(task.labels[:5])).prepare()).load(path)
 

@@ -26,6 +26,7 @@ from flipguard.inject import (
     parse_criterion,
 )
 from flipguard.inject.graph import pad_rows
+from flipguard.models import CAEConfig, build_cae
 from models_zoo import Gated, InPlaceNet, Specialised, resnet20, smooth_images, tiny_cae
 
 BS = 8
@@ -122,6 +123,22 @@ def test_cae_batched_incremental_naive_bit_identical():
     assert any(o.nonfinite for o in outs)
     for k, v in model.state_dict().items():  # the user's model is bit-identical afterwards
         assert _same(v, before[k])
+
+
+def test_memory_cae_bit_identical():
+    # A MemAE memory (softmax addressing, matmuls) between encoder and decoder: the graph
+    # engine still gives the naive forward's bits, memory items included as fault sites.
+    model = build_cae(CAEConfig(input_size=32, width=0.25, latent_dim=8, bottleneck="spatial",
+                                memory=6, seed=1)).eval()
+    x = smooth_images(12, 32)
+    faults = _faults(model, x, seed=2, per_layer=1)
+    faults += [Fault("weight", "memory", i, (b,)) for i, b in ((0, 30), (17, 22), (47, 3))]
+    assert {f.layer for f in faults} >= {"encoder.0", "memory", "decoder.0"}
+    task = _detection(model, x)
+    _, outs = _check_three_ways(model, x, task, faults, "graph")
+    # Certification skips what it cannot bound (the memory's softmax) and stays sound.
+    cert = Engine(model, x, task, batch_size=BS, certify=True).run(faults)
+    assert all(a.same_decisions(b) for a, b in zip(cert, outs, strict=True))
 
 
 def test_resnet20_skip_connections_bit_identical():

@@ -252,3 +252,56 @@ def test_load_model_safetensors(factory_module, tmp_path):
         save_file(src.state_dict(), str(path))
         x = torch.rand(2, 2)
         assert torch.equal(load_model(spec, weights=path)(x), src(x))
+
+
+def _memory_reference(z: torch.Tensor, items: torch.Tensor, shrink: float) -> torch.Tensor:
+    """MemAE addressing written out per latent vector in float64 (Gong et al., eq. 4-7)."""
+    import numpy as np
+
+    zz = z.double().permute(0, 2, 3, 1).reshape(-1, z.shape[1]).numpy()
+    m = items.double().numpy()
+    out = np.empty_like(zz)
+    for i, q in enumerate(zz):
+        logits = m @ q
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        w = np.where(w > shrink, w, 0.0)  # hard shrinkage, then renormalise
+        w /= w.sum()
+        out[i] = w @ m
+    n, c, h, wd = z.shape
+    return torch.from_numpy(out).reshape(n, h, wd, c).permute(0, 3, 1, 2)
+
+
+def test_memory_module_matches_reference_and_is_convex():
+    from flipguard.models.memory import Memory
+
+    torch.manual_seed(0)
+    mem = Memory(items=6, dim=4)
+    with torch.no_grad():
+        mem.weight.mul_(8.0)  # sharp attention: shrinkage removes some items
+    z = torch.randn(2, 4, 3, 5)
+    att = mem.attention(z)
+    assert torch.allclose(att.sum(1), torch.ones(att.shape[0]))
+    assert bool((att == 0).any()) and bool(((att == 0) | (att >= 1 / 6)).all())
+    out = mem(z)
+    assert all(torch.equal(out[i : i + 1], mem(z[i : i + 1])) for i in range(2))  # per row
+    assert torch.allclose(out.double(), _memory_reference(z, mem.weight.detach(), 1 / 6),
+                          atol=1e-5)
+    lo, hi = mem.weight.min(0).values, mem.weight.max(0).values  # convex combination of items
+    per_pos = out.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert bool(((per_pos >= lo - 1e-5) & (per_pos <= hi + 1e-5)).all())
+
+
+def test_cae_with_memory():
+    plain = build_cae(CAEConfig(input_size=32, width=0.25, latent_dim=8, bottleneck="spatial"))
+    model = build_cae(CAEConfig(input_size=32, width=0.25, latent_dim=8, bottleneck="spatial",
+                                memory=5))
+    assert count_parameters(model) == count_parameters(plain) + 5 * 8
+    assert "memory.weight" in model.state_dict() and "memory.weight" not in plain.state_dict()
+    x = torch.rand(2, 1, 32, 32)
+    gm = torch.fx.symbolic_trace(model)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(ConfigError, match="CAEConfig.memory"):
+        build_cae(CAEConfig(input_size=32, memory=4))  # vector bottleneck
+    with pytest.raises(ConfigError, match="CAEConfig.memory"):
+        CAEConfig(memory=-1)

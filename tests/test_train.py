@@ -79,12 +79,28 @@ def test_same_seed_gives_identical_weights():
     assert not torch.equal(a["encoder.0.weight"], init["encoder.0.weight"])
 
 
-@pytest.mark.parametrize("loss", ["l2", "ssim", "l2+ssim"])
+@pytest.mark.parametrize("loss", ["l2", "ssim", "l2+ssim", "l2+ssim+msgms"])
 def test_each_loss_decreases(loss):
     train, _, _ = _texture_data(n_train=16, n_test=1, size=16)
     cfg = TrainConfig(epochs=6, batch_size=4, lr=3e-3, loss=loss, weight_decay=0)
     hist = train_model(_tiny(size=16), train, cfg)
     assert hist[-1] < hist[0]
+
+
+def test_riad_loss_adds_the_gradient_term():
+    # The MS-GMS term sees edges, not brightness: a uniform shift leaves every gradient
+    # magnitude (so the GMS) unchanged, a blur does not.
+    from flipguard.train import _loss
+
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert float(_loss("l2+ssim+msgms", x, x)) == pytest.approx(0.0, abs=1e-6)
+    shifted = x + 0.1
+    extra = _loss("l2+ssim+msgms", x, shifted) - _loss("l2+ssim", x, shifted)
+    assert float(extra) == pytest.approx(0.0, abs=1e-6)
+    assert float(_loss("l2", x, shifted)) == pytest.approx(0.01, rel=1e-4)
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    extra = _loss("l2+ssim+msgms", x, blurred) - _loss("l2+ssim", x, blurred)
+    assert float(extra) > 0.05
 
 
 def test_augment_batch_properties():

@@ -1,4 +1,4 @@
-"""Training loop for reconstruction models (Adam, L2/SSIM losses, light seeded augmentation,
+"""Training loop for reconstruction models (Adam, L2/SSIM/MS-GMS losses, light seeded augmentation,
 optional cosine learning-rate decay and an exponential moving average of the weights).
 
 Shuffling and augmentation draw from one ``torch.Generator`` seeded with ``cfg.seed`` (the
@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from flipguard.errors import FlipguardError
 from flipguard.models.cae import StrictConfig
 from flipguard.models.defects import corrupt_batch
-from flipguard.ssim import ssim
+from flipguard.ssim import msgms_map, ssim
 
 __all__ = [
     "TrainConfig",
@@ -47,7 +47,7 @@ class TrainConfig(StrictConfig):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
-    loss: Literal["l2", "ssim", "l2+ssim"] = "ssim"
+    loss: Literal["l2", "ssim", "l2+ssim", "l2+ssim+msgms"] = "ssim"
     weight_decay: float = Field(1e-5, ge=0)
     augment: bool = Field(False, description="random flips + brightness jitter (+ rot90)")
     rot90: bool = Field(False, description="with augment: random 90-degree rotations")
@@ -150,7 +150,10 @@ def _loss(kind: str, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(r, x)
     if kind == "ssim":
         return 1.0 - ssim(x, r)
-    return F.mse_loss(r, x) + (1.0 - ssim(x, r))
+    total = F.mse_loss(r, x) + (1.0 - ssim(x, r))
+    if kind == "l2+ssim+msgms":  # RIAD (Zavrtanik et al. 2021): + the multi-scale GMS loss
+        total = total + (1.0 - msgms_map(x, r)).mean()
+    return total
 
 
 def train_model(

@@ -131,10 +131,15 @@ def train(
     latent_stride: int = typer.Option(
         D["latent_stride"], "--latent-stride", help="Spatial latent map side = size / 16 or / 8."
     ),
+    memory: int = typer.Option(
+        D["memory"], "--memory", min=0,
+        help="MemAE memory items on the spatial latent (0 = none).",
+    ),
     epochs: int = typer.Option(D["epochs"], "--epochs", min=1),
     batch_size: int = typer.Option(D["batch_size"], "--batch-size", min=1),
     lr: float = typer.Option(D["lr"], "--lr"),
-    loss: str = typer.Option(D["loss"], "--loss", help="l2 | ssim | l2+ssim"),
+    loss: str = typer.Option(D["loss"], "--loss",
+                             help="l2 | ssim | l2+ssim | l2+ssim+msgms (RIAD)"),
     inpaint: float = typer.Option(
         D["inpaint"], "--inpaint",
         help="Share of training images given a synthetic defect to repair (0 = plain AE).",
@@ -192,7 +197,8 @@ def train(
     method = threshold or ("quantile" if quantile is not None else "auto")
     q = 0.99 if quantile is None else quantile
     o = detector_options(width=width, latent=latent, bottleneck=bottleneck,
-                         latent_stride=latent_stride, epochs=epochs, batch_size=batch_size,
+                         latent_stride=latent_stride, memory=memory, epochs=epochs,
+                         batch_size=batch_size,
                          lr=lr, loss=loss, inpaint=inpaint, crop=crop, map=score_map,
                          smooth=smooth, standardize=standardize, schedule=schedule, ema=ema,
                          ignore_margin=ignore_margin and reduce == "max")

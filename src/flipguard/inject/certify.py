@@ -116,9 +116,11 @@ class Certifier:
     min_share: float = 0.01
     rounding: str = "ulp"
     faults: dict[str, int] | None = None
+    cut_levels: tuple[float, ...] = (2.0**-4, 2.0**-10, 2.0**-16)
     _radius: np.ndarray | None = field(default=None, repr=False)
     _finite: np.ndarray | None = field(default=None, repr=False)
     _tables: dict[str, LayerCertificate] = field(default_factory=dict, repr=False)
+    _cuts: dict[int, np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.safety >= 1:
@@ -155,6 +157,67 @@ class Certifier:
                 [_finite_radius(eng.task, eng.inputs[a:a + 64], outs[a:a + 64])
                  for a in range(0, eng.n, 64)]) / self.safety
         return self._finite
+
+    # -- per cut --------------------------------------------------------------------------
+    def cut_radius(self, stop: int) -> np.ndarray | None:
+        """Per image: the largest change (max-norm) of the one value live at cut ``stop`` (the
+        graph position of a cached layer) that provably keeps the image's decision, whatever
+        fault caused it; None where nothing is certified there. The engine drops a simulated
+        row at such a cut once its measured change is below this, without running the rest
+        of the network (``Outcome.n_certified`` counts it)."""
+        return self.cut_radii().get(stop)
+
+    def cut_radii(self) -> dict[int, np.ndarray]:
+        """:meth:`cut_radius` of every cut that certifies some image (computed once: per
+        chunk of images one golden pass and, per cut and level of ``cut_levels`` (fractions
+        of the image's largest magnitude at the cut), one bound pass of the rest of the
+        network; a cut certifying fewer than ``min_share`` of the first chunk is dropped)."""
+        if self._cuts is None:
+            self._cuts = {} if self.reason is not None else self._compute_cuts()
+        return self._cuts
+
+    def _compute_cuts(self) -> dict[int, np.ndarray]:
+        eng, prog = self.engine, self.engine.program
+        cuts = {}
+        for stop in eng.stops:
+            live = prog.live(stop)
+            if len(live) == 1:
+                cuts[stop] = (prog.pos[live[0]], np.zeros(eng.n))
+        radius = self.radius()
+        for a in range(0, eng.n, self.chunk):
+            b = min(a + self.chunk, eng.n)
+            with torch.no_grad():
+                golden = golden_values(prog, eng.inputs[a:b].to(eng.device))
+            for stop, (start, rho) in list(cuts.items()):
+                node = prog.nodes[start]
+                z = golden.get(node)
+                if z is None or not z.is_floating_point():
+                    del cuts[stop]
+                    continue
+                scale = z.detach().abs().reshape(b - a, -1).amax(1).double().clamp_min(1e-30)
+                for lvl in self.cut_levels:
+                    t = scale * lvl
+                    f0 = t.to(z.dtype).view(-1, *([1] * (z.dim() - 1))).expand_as(z)
+                    try:
+                        F, R = propagate(prog, golden, start, f0.contiguous(),
+                                         torch.zeros_like(z), model=self.rounding)
+                    except Unsupported:
+                        F = None
+                    if F is None:
+                        del cuts[stop]
+                        break
+                    assert R is not None
+                    Fj = F.reshape(b - a, -1).amax(1).double().cpu().numpy()
+                    Rj = R.reshape(b - a, -1).amax(1).double().cpu().numpy()
+                    tj = t.cpu().numpy()
+                    room = radius[a:b] - Rj
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        tc = np.where(Fj > 0, tj * room / Fj, tj)
+                    ok = (room > 0) & np.isfinite(Fj) & np.isfinite(Rj)
+                    rho[a:b] = np.maximum(rho[a:b], np.where(ok, np.minimum(tc, tj), 0.0))
+                if stop in cuts and a == 0 and float((rho[a:b] > 0).mean()) < self.min_share:
+                    del cuts[stop]
+        return {stop: rho for stop, (_, rho) in cuts.items() if rho.any()}
 
     # -- per layer ------------------------------------------------------------------------
     def table(self, layer: str) -> np.ndarray:
@@ -331,11 +394,14 @@ class Certifier:
     def options(self) -> dict[str, Any]:
         """The options that change the certificates (for cache keys)."""
         return {"safety": self.safety, "levels": list(self.levels), "rounding": self.rounding,
-                "min_share": self.min_share, "slack": SLACK, "version": 3,
+                "min_share": self.min_share, "slack": SLACK, "version": 4,
+                "cut_levels": list(self.cut_levels),
                 "faults": None if self.faults is None else dict(sorted(self.faults.items()))}
 
     def compute_all(self) -> Certifier:
-        """Certificates of every Conv/ConvT/Linear layer of the traced graph."""
+        """Certificates of every Conv/ConvT/Linear layer of the traced graph, and of every
+        cut (:meth:`cut_radii`)."""
+        self.cut_radii()
         if self.reason is None:
             for name in self.engine.program.calls:
                 if isinstance(self.engine.model.get_submodule(name), _LINEAR):
@@ -353,6 +419,9 @@ class Certifier:
             arrays[f"T:{k}"] = v.T
             arrays[f"F:{k}"] = v.F
             meta[k] = {"seconds": v.seconds, "reason": v.reason, "images": v.images}
+        for stop, rho in (self._cuts or {}).items():
+            arrays[f"C:{stop}"] = rho
+        meta["__cuts__"] = self._cuts is not None
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with replacing(path, ".npz") as tmp:
             np.savez(tmp, **arrays)
@@ -364,6 +433,9 @@ class Certifier:
             self._radius = np.asarray(d["__radius__"])
             self._finite = np.asarray(d["__finite__"])
             meta = json.loads(bytes(d["__meta__"]).decode())
+            if meta.pop("__cuts__", False):
+                self._cuts = {int(k[2:]): np.asarray(d[k]) for k in d.files
+                              if k.startswith("C:")}
             for k, v in meta.items():
                 self._tables[k] = LayerCertificate(np.asarray(d[f"T:{k}"]), v["seconds"],
                                                    v["reason"], v["images"],

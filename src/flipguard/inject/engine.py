@@ -76,10 +76,13 @@ class Engine:
     bit-identical ("auto": where also faster, "always", "never"). ``certify``: weight/bias
     faults a :class:`~flipguard.inject.certify.Certifier` proves harmless to every decision
     are not simulated, and other faults only on the images it cannot certify
-    (``Outcome.n_certified``). ``image_order="margin"``: images nearest to their
-    decision boundary run first (detector: |score - threshold|; classifier: top-1 logit
-    gap), so an ``early_stop`` decision on a fault that flips only borderline images comes
-    sooner (a fault that moves every score decides in the first chunks in any order).
+    (``Outcome.n_certified``); a simulated image is also dropped at a later cut once its
+    measured change there is below that cut's certificate
+    (:meth:`~flipguard.inject.certify.Certifier.cut_radius`). ``image_order="margin"``:
+    images nearest to their decision boundary run first (detector: |score - threshold|;
+    classifier: top-1 logit gap), so an ``early_stop`` decision on a fault that flips only
+    borderline images comes sooner (a fault that moves every score decides in the first
+    chunks in any order).
     ``golden`` holds the golden facts; ``strategy_used`` / ``fallback_reason`` say how faults
     are evaluated.
 
@@ -350,7 +353,8 @@ class Engine:
             return self.fmt
         return self.formats.get((f.layer, f.target), self.fmt)
 
-    def _pipeline(self, report: Callable[..., None]) -> Pipeline:
+    def _pipeline(self, report: Callable[..., None],
+                  certified: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Pipeline:
         out_node = self.program.output if self.program is not None else "out"
 
         def golden(key: Any, images: np.ndarray) -> Tensor:
@@ -364,8 +368,9 @@ class Engine:
                 return self._facts(x, out, images)
             return self._facts(x, out, images, pad_rows(golden(out_node, images), self.bs))
 
+        cut = self.certifier.cut_radius if self.certifier is not None and certified else None
         return Pipeline(self.program, self.stops, self.bs, golden, inputs, facts, report,
-                        self._stop_stats)
+                        self._stop_stats, cut, certified)
 
     def _run_pass(self, items: list[_Item], capture: Callable[..., None] | None
                   ) -> list[Outcome]:
@@ -384,9 +389,14 @@ class Engine:
             if capture is not None:
                 capture(slot_index[slots], images, out)
 
-        pipe = self._pipeline(report)
-        active = list(items)
         certified = np.zeros(k, dtype=np.int64)
+
+        def certify_rows(slots: np.ndarray, images: np.ndarray) -> None:  # dropped at a cut
+            np.add.at(certified, slots, 1)
+            np.add.at(evaluated, slots, -1)
+
+        pipe = self._pipeline(report, certify_rows)
+        active = list(items)
         for a in range(0, n, bs):
             b = min(a + bs, n)
             images = self._order[a:b]

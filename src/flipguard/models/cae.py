@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from flipguard.errors import ConfigError
+from flipguard.models.memory import Memory
 
 __all__ = ["CAE", "CAEConfig", "build_cae", "count_parameters"]
 
@@ -90,6 +91,8 @@ class CAEConfig(StrictConfig):
         16, description="spatial bottleneck only: latent map side = input side / latent_stride "
         "(8: the last 4x4/2 layer becomes 3x3/1)",
     )
+    memory: int = Field(0, ge=0, description="spatial bottleneck only: MemAE memory items "
+                        "between encoder and decoder (0 = none)")
     seed: int = Field(0, ge=0, description="seed of the weight initialisation")
 
     @field_validator("input_size")
@@ -104,14 +107,19 @@ class CAE(nn.Module):
     """Autoencoder ``forward(x) = decoder(encoder(x))``; both halves are ``nn.Sequential``
     so layer names are ``encoder.0``, ``encoder.2``, ... (odd indices are activations)."""
 
-    def __init__(self, encoder: nn.Sequential, decoder: nn.Sequential, config: CAEConfig):
+    def __init__(self, encoder: nn.Sequential, decoder: nn.Sequential, config: CAEConfig,
+                 memory: Memory | None = None):
         super().__init__()
         self.encoder = encoder
+        self.memory = memory
         self.decoder = decoder
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        z = self.encoder(x)
+        if self.memory is not None:
+            z = self.memory(z)
+        return self.decoder(z)
 
 
 # (channels at width 1, kernel, stride); padding is 1 for all of these layers.
@@ -146,6 +154,8 @@ def build_cae(cfg: CAEConfig | None = None) -> CAE:
     spatial = cfg.bottleneck == "spatial"
     if cfg.latent_stride == 8 and not spatial:
         raise ConfigError("CAEConfig.latent_stride: 8 needs bottleneck='spatial'")
+    if cfg.memory and not spatial:
+        raise ConfigError("CAEConfig.memory: a memory module needs bottleneck='spatial'")
     body = list(_BODY)
     if cfg.latent_stride == 8:
         body[5] = (body[5][0], 3, 1)
@@ -172,7 +182,8 @@ def build_cae(cfg: CAEConfig | None = None) -> CAE:
             c_out = cfg.channels if last else chans[j - 1]
             dec.append(nn.ConvTranspose2d(chans[j], c_out, k, stride=s, padding=1))
             dec.append(nn.Sigmoid() if last else _act())
-        model = CAE(nn.Sequential(*enc), nn.Sequential(*dec), cfg)
+        mem = Memory(cfg.memory, cfg.latent_dim) if cfg.memory else None
+        model = CAE(nn.Sequential(*enc), nn.Sequential(*dec), cfg, mem)
         _init_weights(model)
     return model
 
