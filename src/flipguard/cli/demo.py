@@ -65,7 +65,7 @@ def run_demo(
     step("train", "train the CAE detector (threshold from normal validation images)")
     _cli("train", "--data", data_dir, "--out", run_dir, "--size", size, "--width", 0.5,
          "--latent", 32, "--epochs", epochs, "--batch-size", 16, "--lr", 1e-3, "--smooth", 1.0,
-         "--schedule", "cosine", "--ema", 0.9, "--seed", seed)
+         "--schedule", "cosine", "--ema", 0.9, "--memory", 16, "--seed", seed)
     step("evaluate", "evaluate the detector")
     _cli("evaluate", run_dir)
     step("campaign", "statistical fault-injection campaign (layer-wise, Leveugle sample sizes)")
