@@ -209,12 +209,8 @@ class Certifier:
                     assert R is not None
                     Fj = F.reshape(b - a, -1).amax(1).double().cpu().numpy()
                     Rj = R.reshape(b - a, -1).amax(1).double().cpu().numpy()
-                    tj = t.cpu().numpy()
-                    room = radius[a:b] - Rj
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        tc = np.where(Fj > 0, tj * room / Fj, tj)
-                    ok = (room > 0) & np.isfinite(Fj) & np.isfinite(Rj)
-                    rho[a:b] = np.maximum(rho[a:b], np.where(ok, np.minimum(tc, tj), 0.0))
+                    best = _largest(t.cpu().numpy(), radius[a:b], Fj[None], Rj)[0]
+                    rho[a:b] = np.maximum(rho[a:b], best)
                 if stop in cuts and a == 0 and float((rho[a:b] > 0).mean()) < self.min_share:
                     del cuts[stop]
         return {stop: rho for stop, (_, rho) in cuts.items() if rho.any()}
@@ -453,9 +449,11 @@ class Certifier:
                 for k, v in self._tables.items()}
 
 
-def _largest(t: float, allowed: np.ndarray, Fj: np.ndarray, Rj: np.ndarray) -> np.ndarray:
+def _largest(t: float | np.ndarray, allowed: np.ndarray, Fj: np.ndarray, Rj: np.ndarray
+             ) -> np.ndarray:
     """Per (channel, image): the largest ``|dw| <= t`` whose change bound (``Fj`` at ``t``,
-    linear in ``|dw|``, plus rounding ``Rj``) stays within ``allowed`` per image."""
+    linear in ``|dw|``, plus rounding ``Rj``) stays within ``allowed`` per image (``t``: one
+    cap, or one per image)."""
     room = allowed[None, :] - Rj[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         tc = np.where(Fj > 0, t * room / Fj, t)
