@@ -183,3 +183,48 @@ def test_grouped_campaign_end_to_end_with_calibration(tmp_path):
     res = cli.invoke(app, ["campaign", "run", str(run), *base])
     assert res.exit_code != 0 and "calibration.json" in res.output
     assert not (run / "campaign.sqlite").exists()
+
+
+def test_a_stopped_campaign_still_records_its_calibration(tmp_path):
+    """Stopped mid-round (Ctrl-C, or SIGTERM through the CLI), a stratified campaign writes
+    the calibration of exactly the faults it executed, and the stop propagates."""
+    import os
+    import signal
+
+    from flipguard.campaign.analysis import classify_store
+    from flipguard.campaign.store import CampaignStore
+    from flipguard.cli._common import sigterm_as_interrupt
+    from flipguard.inject import CRITICAL
+    from flipguard.study.calibration import CALIBRATION_FILE
+    from flipguard.study.campaigns import CampaignEvents, CampaignOptions, run_study_campaign
+    from flipguard.study.predictors import predictor_for_run
+    from test_runner import make_tiny_run
+
+    run = make_tiny_run(tmp_path)
+    cfg = PlanConfig(layers=("encoder.0",), error=0.05, confidence=0.95,
+                     sampling="stratified", criterion=CRIT)
+    calls = []
+
+    def stop(done: int, total: int) -> None:  # after the second chunk of the audit
+        calls.append(done)
+        if len(calls) == 2:
+            with sigterm_as_interrupt():  # SIGTERM arrives as an interrupt ...
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study_campaign(run, cfg, CampaignOptions(images=6, chunk=4, probe=0),
+                           CampaignEvents(progress=stop))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # ... and the handler is back
+    with CampaignStore(run / "campaign.sqlite") as store:
+        c = store.counts()
+        done = [pf for pf, _ in store.results()]
+        crit_of = {pf.fault_id: k in CRITICAL for pf, k in classify_store(store, CRIT)}
+    assert 0 < c["done"] < c["planned"]  # stopped part-way
+    calib = json.loads((run / CALIBRATION_FILE).read_text())
+    (entry,) = calib["entries"].values()
+    (rec,) = entry["campaigns"].values()
+    cls = predictor_for_run(run, 6, CRIT, layers=None).class_of([pf.fault for pf in done])
+    for h in range(5):
+        sel = [pf for pf, k in zip(done, cls.tolist(), strict=True) if k == h]
+        assert rec["classes"][h] == [len(sel), sum(crit_of[pf.fault_id] for pf in sel)]
+    assert sum(n for n, _ in rec["classes"]) == c["done"]

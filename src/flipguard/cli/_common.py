@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
@@ -23,7 +26,8 @@ from flipguard.errors import FlipguardError
 from flipguard.fileio import json_clean
 
 console = Console(stderr=True)
-__all__ = ["cli_errors", "console", "escape", "fail", "make_progress", "print_json"]
+__all__ = ["cli_errors", "console", "escape", "fail", "make_progress", "print_json",
+           "sigterm_as_interrupt"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -62,3 +66,26 @@ def make_progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                     TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`KeyboardInterrupt` (main thread only), so a
+    stopped command runs its clean-ups as after Ctrl-C; the previous handler comes back.
+
+    >>> with sigterm_as_interrupt():
+    ...     signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    True
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

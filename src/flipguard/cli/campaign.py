@@ -14,7 +14,13 @@ from rich.table import Table
 from flipguard.campaign import PlanConfig, parse_by
 from flipguard.campaign.conventions import population_note
 from flipguard.campaign.stats import DEFAULT_METHOD
-from flipguard.cli._common import console, escape, make_progress, print_json
+from flipguard.cli._common import (
+    console,
+    escape,
+    make_progress,
+    print_json,
+    sigterm_as_interrupt,
+)
 from flipguard.cli.options import command, option
 from flipguard.errors import ConfigError
 from flipguard.study import campaigns as sc
@@ -213,8 +219,9 @@ def run_cmd(run: Path = typer.Argument(..., help="Run directory."),
         console.print(f"refinement round {r}: {added:,} faults added")
 
     try:
-        summary = sc.run_study_campaign(run, cfg, opts,
-                                        sc.CampaignEvents(opened, probed, progress, round_))
+        with sigterm_as_interrupt():  # a stopped campaign still records its calibration
+            summary = sc.run_study_campaign(
+                run, cfg, opts, sc.CampaignEvents(opened, probed, progress, round_))
     finally:
         bar.stop()
     if json_out:

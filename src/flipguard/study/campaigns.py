@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -218,22 +219,28 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
             if ev.probed:
                 ev.probed(per, pending if left is None else min(pending, left))
         t0 = time.perf_counter()
-        while True:
-            res = run_campaign(store, factory, engine=engine, workers=opts.workers,
-                               ray=opts.ray, limit=left, chunk=opts.chunk,
-                               progress=ev.progress)
-            ran += res["ran"]
-            if left is not None:
-                left -= res["ran"]
-            if not (opts.refine or stratified) or store.pending(limit=1) or (
-                    left is not None and left <= 0):
-                break
-            added = refine(store, factory.model(), cfg.criterion, predictor)
-            rounds += 1
-            if ev.round:
-                ev.round(rounds, added)
-            if not added:
-                break
+        try:
+            while True:
+                res = run_campaign(store, factory, engine=engine, workers=opts.workers,
+                                   ray=opts.ray, limit=left, chunk=opts.chunk,
+                                   progress=ev.progress)
+                ran += res["ran"]
+                if left is not None:
+                    left -= res["ran"]
+                if not (opts.refine or stratified) or store.pending(limit=1) or (
+                        left is not None and left <= 0):
+                    break
+                added = refine(store, factory.model(), cfg.criterion, predictor)
+                rounds += 1
+                if ev.round:
+                    ev.round(rounds, added)
+                if not added:
+                    break
+        except BaseException:  # stopped (Ctrl-C, SIGTERM) or failed: keep what it learnt
+            if stratified and store.counts()["done"] > counts["done"]:
+                with suppress(Exception):
+                    record_calibration(run, store, factory, cfg, predictor)
+            raise
         c = store.counts()
         share = _certified_share(store) if opts.certify else None
         if stratified and ran:  # the run's calibration learns from every stratified campaign
