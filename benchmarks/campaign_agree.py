@@ -2,27 +2,30 @@
 
     python benchmarks/campaign_agree.py RUN_A RUN_B [--criterion C] [--json] [--save F]
 
-Both runs must hold the same model (``model.pt`` compared byte for byte) and judge the same
-criterion. Per layer: each campaign's executed faults, CFR and interval, and ``agree`` when
-the two intervals overlap — the check BENCHMARKS §6 applies to a uniform and a stratified
-campaign. Overlap is a weak check; the rows also give ``z``, the difference of the two
-estimates over the larger half-width, for a look at how close they are.
+Both runs must hold the same model (the weights in ``model.pt`` compared byte for byte) and
+judge the same criterion. Per layer: each campaign's executed faults, CFR and interval, and
+``agree`` when the two intervals overlap — the check BENCHMARKS §6 applies to a uniform and a
+stratified campaign. Overlap is a weak check; the rows also give ``z``, the difference of the
+two estimates over the larger half-width, for a look at how close they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
+import torch
 from _emit import emit
 
 from flipguard.campaign.analysis import cfr_table
 from flipguard.campaign.store import store_path
+from flipguard.fingerprint import state_fingerprint
 
 
 def _digest(run: str) -> str:
-    return hashlib.sha256((Path(run) / "model.pt").read_bytes()).hexdigest()
+    """Fingerprint of the run's weights (names, dtypes, shapes, bytes), not of the file's bytes:
+    a ``model.pt`` written before ``save_torch`` names its temp file inside the archive."""
+    return state_fingerprint(torch.load(Path(run) / "model.pt", weights_only=True))
 
 
 def agreement(a: list[dict], b: list[dict]) -> list[dict]:

@@ -94,6 +94,26 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         os.fsync(fh.fileno())
 
 
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`replacing`), fsync'ed.
+
+    The archive is written through a file object, so its inner folder is always ``archive/``
+    and not the temp file's name: equal content gives byte-identical files (a model trained
+    twice with the same seed has one sha256).
+
+    Example::
+
+        save_torch(model.state_dict(), "RUN/model.pt")
+    """
+    import torch
+
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
+
+
 def json_clean(obj: Any) -> Any:
     """Recursively replace NaN floats by None so the object serialises as strict JSON."""
     if isinstance(obj, float) and obj != obj:

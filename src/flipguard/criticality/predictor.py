@@ -33,7 +33,7 @@ from flipguard.campaign.substrata import CLASS_LABELS, CLASS_PRIORS
 from flipguard.detect import Scorer
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, SiteSpace, apply_bits, get_format
-from flipguard.fileio import replacing
+from flipguard.fileio import save_torch
 from flipguard.inject import parse_criterion
 from flipguard.layers import forward_hooks
 
@@ -183,9 +183,7 @@ class Predictor:
                                           "r_neg": v.r_neg, "vmax": torch.tensor(v.vmax)}
                             for (t, ly), v in self.tensors.items()},
                 "acts": {ly: torch.from_numpy(a) for ly, a in self.acts.items()}}
-        with replacing(path) as tmp:
-            torch.save(data, tmp)
-        return path
+        return save_torch(data, path)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, layers: Iterable[str] | None = None,

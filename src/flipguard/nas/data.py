@@ -27,7 +27,7 @@ from torch import Tensor
 from flipguard.data import split_validation
 from flipguard.data.defects import paste_defects
 from flipguard.errors import ConfigError
-from flipguard.fileio import replacing
+from flipguard.fileio import save_torch
 from flipguard.fingerprint import tensor_fingerprint
 
 __all__ = ["SearchData", "classification_data", "detection_data", "load_bundle", "save_bundle"]
@@ -117,8 +117,7 @@ def save_bundle(data: SearchData, path: str | Path) -> None:
     blob: dict[str, Any] = {k: getattr(data, k) for k in _TENSORS if getattr(data, k) is not None}
     blob["val_labels"] = torch.as_tensor(data.val_labels)
     blob["task"], blob["info"] = data.task, dict(data.info)
-    with replacing(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(blob, path)
 
 
 def load_bundle(path: str | Path) -> SearchData:

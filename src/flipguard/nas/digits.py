@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flipguard.fileio import replacing
+from flipguard.fileio import save_torch
 from flipguard.nas.activations import LearnedClip, make_activation
 from flipguard.nas.space import Param, SearchSpace
 
@@ -88,7 +88,6 @@ def write_digits_data(path: str | Path, seed: int = 0, n_test: int = 500) -> Pat
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
     tr, te = perm[:-n_test], perm[-n_test:]
     path = Path(path)
-    with replacing(path) as tmp:
-        torch.save({"inputs": x[tr].contiguous(), "labels": y[tr].contiguous(),
-                    "test_inputs": x[te].contiguous(), "test_labels": y[te].contiguous()}, tmp)
+    save_torch({"inputs": x[tr].contiguous(), "labels": y[tr].contiguous(),
+                "test_inputs": x[te].contiguous(), "test_labels": y[te].contiguous()}, path)
     return path

@@ -30,7 +30,7 @@ from torch import nn
 
 from flipguard.detect import ScoreConfig, Scorer, evaluate_detector, fit_map_stats, reconstruct
 from flipguard.errors import ConfigError
-from flipguard.fileio import replacing
+from flipguard.fileio import save_torch
 from flipguard.fingerprint import state_fingerprint, tensor_fingerprint
 from flipguard.inject import ClassificationTask, DetectionTask, Engine
 from flipguard.layers import evenly_spaced
@@ -253,8 +253,7 @@ def evaluate_network(model: nn.Module, space: Any, data: SearchData, s: Settings
     if not trained:
         _train(model, space, data, s, fid.epochs)
         space.finalise(model, data.train)
-        with replacing(work / "model.pt") as tmp:
-            torch.save(model.state_dict(), tmp)
+        save_torch(model.state_dict(), work / "model.pt")
     t_train = time.perf_counter() - t0
     model.eval()
     if data.task == "detection":

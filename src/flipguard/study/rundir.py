@@ -38,7 +38,7 @@ from flipguard.data import load_mvtec
 from flipguard.data.tensors import load_tensor_dataset
 from flipguard.detect import ScoreConfig, Scorer
 from flipguard.errors import FlipguardError
-from flipguard.fileio import atomic_write, json_clean, replacing
+from flipguard.fileio import atomic_write, json_clean, save_torch
 from flipguard.fingerprint import state_fingerprint
 from flipguard.models import CAEConfig, build_cae, load_model
 from flipguard.study.trust import sign, trusted
@@ -240,8 +240,7 @@ def save_run(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with replacing(path / WEIGHTS_FILE) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path / WEIGHTS_FILE)
     atomic_write_text(path / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
     if metrics is not None:
         save_metrics(path, metrics)
