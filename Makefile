@@ -1,6 +1,6 @@
 # flipguard — two commands do all the set-up: `make demo` and `make test`.
 # Installs come from pylock.toml (the PEP 751 lock file: exact versions and hashes, resolved
-# with uv for CPython 3.11 on x86-64 Linux) and requirements.txt (the same pins as name==version,
+# with uv for CPython 3.11 on x86-64 Linux) and constraints.txt (the same pins as name==version,
 # for pip); `make lock` refreshes both deliberately. torch is installed first from $(TORCH)
 # (the CPU build), so no CUDA packages are pulled in.
 PYTHON ?= python3
@@ -17,8 +17,8 @@ UVPIP := $(UV) pip install --quiet --python $(BIN)/python
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml pylock.toml requirements.txt
-	$(BIN)/python -m pip install --quiet "$(TORCH)" "uv==$(UV_VERSION)" -c requirements.txt
+$(STAMP): $(BIN)/python pyproject.toml pylock.toml constraints.txt
+	$(BIN)/python -m pip install --quiet "$(TORCH)" "uv==$(UV_VERSION)" -c constraints.txt
 	$(UVPIP) -r pylock.toml
 	$(UVPIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -51,7 +51,7 @@ lock: $(BIN)/python
 	  --python-platform x86_64-manylinux_2_28 $(if $(wildcard /opt/wheels),--find-links /opt/wheels) \
 	  --override $(VENV)/torch-override.txt --no-emit-package torch \
 	  --custom-compile-command "make lock" -o pylock.toml
-	$(BIN)/python tools/requirements_from_lock.py
+	$(BIN)/python tools/constraints_from_lock.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,4 +1,4 @@
-"""The lock files at the root agree: requirements.txt pins exactly what pylock.toml locks."""
+"""The lock files at the root agree: constraints.txt pins exactly what pylock.toml locks."""
 
 import subprocess
 import sys
@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_constraints_match_the_lock():
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "requirements_from_lock.py"),
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "constraints_from_lock.py"),
                           "--check"], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if "==" in line)
     assert {"numpy", "scipy", "torch"} <= set(pins)

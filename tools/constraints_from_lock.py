@@ -1,7 +1,7 @@
-"""Write requirements.txt (``name==version`` per package) from pylock.toml, so pip-style tools
-and a plain ``pip install -c requirements.txt`` get the exact versions the lock holds.
+"""Write constraints.txt (``name==version`` per package) from pylock.toml, so pip-style tools
+and a plain ``pip install -c constraints.txt`` get the exact versions the lock holds.
 
-    python tools/requirements_from_lock.py [--check]
+    python tools/constraints_from_lock.py [--check]
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ def constraints(lock: Path = ROOT / "pylock.toml") -> str:
     pkgs = tomllib.loads(lock.read_text(encoding="utf-8"))["packages"]
     lines = sorted({f"{p['name']}=={p['version']}" for p in pkgs} | {TORCH}, key=str.lower)
     return ("# exact versions of pylock.toml (written by `make lock`; "
-            "tools/requirements_from_lock.py)\n" + "\n".join(lines) + "\n")
+            "tools/constraints_from_lock.py)\n" + "\n".join(lines) + "\n")
 
 
 def main() -> int:
-    out = ROOT / "requirements.txt"
+    out = ROOT / "constraints.txt"
     text = constraints()
     if "--check" in sys.argv[1:]:
         if not out.exists() or out.read_text(encoding="utf-8") != text:
-            print("requirements.txt: out of date with pylock.toml; run `make lock`")
+            print("constraints.txt: out of date with pylock.toml; run `make lock`")
             return 1
         return 0
     out.write_text(text, encoding="utf-8")
