@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -79,7 +80,7 @@ def remove_orphans(path: str | Path, suffix: str = "") -> list[Path]:
     return gone
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
+def atomic_write(path: str | Path, data: bytes | memoryview | str) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`replacing`), fsync'ed.
 
     Example::
@@ -95,11 +96,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`replacing`), fsync'ed.
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`).
 
-    The archive is written through a file object, so its inner folder is always ``archive/``
-    and not the temp file's name: equal content gives byte-identical files (a model trained
-    twice with the same seed has one sha256).
+    The archive is serialised to memory first, so its inner folder is always ``archive/`` and
+    not the temp file's name: equal content gives byte-identical files (a model trained twice
+    with the same seed has one sha256).
 
     Example::
 
@@ -107,10 +108,9 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     """
     import torch
 
-    with replacing(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getbuffer())
     return Path(path)
 
 
