@@ -94,6 +94,8 @@ def test_one_failing_object_does_not_stop_the_others(root: Path, tmp_path: Path)
 def test_bad_training_option_is_refused_before_anything_runs(root: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="resize"):
         run_study(root, tmp_path / "o", _opts(train={**TRAIN, "resize": "squash"}))
+    with pytest.raises(Exception, match="cv_folds"):
+        run_study(root, tmp_path / "o", _opts(train={**TRAIN, "cv_folds": 1}))
     assert not (tmp_path / "o").exists()
 
 
@@ -102,8 +104,11 @@ def test_study_cli_categories_and_json(root: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, [
         "study", str(root), "--out", str(out), "--categories", "beta", "--size", "32",
         "--width", "0.25", "--epochs", "1", "--strata", "layer", "--error", "0.4",
-        "--confidence", "0.8", "--images", "4", "--budget", "-1", "--json"])
+        "--confidence", "0.8", "--images", "4", "--budget", "-1", "--cv-folds", "2", "--json"])
     assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "beta" / "run" / "metrics.json").read_text())
+    assert metrics["cv_folds"] == 2 and metrics["threshold_scores"] == 24
+    assert metrics["val_images"] == 12 and len(metrics["cv_fold_fpr"]) == 2
     rec = json.loads((out / "study.json").read_text())
     assert [r["name"] for r in rec["categories"]] == ["beta"]
     assert rec["categories"][0]["status"] == "complete"

@@ -13,6 +13,7 @@ from rich.table import Table
 from flipguard.cli._common import cli_errors, console, print_json
 from flipguard.study.detector import (
     DETECTOR_DEFAULTS,
+    check_cv_folds,
     check_options,
     detector_options,
     evaluate_run,
@@ -90,6 +91,9 @@ def metrics_table(metrics: dict[str, Any], title: str = "Detector metrics") -> T
         if metrics.get("threshold_rule_used") not in (None, rule):
             rule += f" ({metrics['threshold_rule_used']})"
         rule += f", target fpr {fpr:g}" if fpr is not None else ""
+        if metrics.get("cv_folds"):
+            rule += (f", {metrics.get('threshold_scores')} out-of-fold scores "
+                     f"({metrics['cv_folds']} folds)")
         table.add_row("threshold rule", rule)
     return table
 
@@ -189,6 +193,12 @@ def train(
     val_fraction: float = typer.Option(
         0.1, "--val-fraction", help="Share of train/good held out to calibrate the threshold."
     ),
+    cv_folds: int = typer.Option(
+        D["cv_folds"], "--cv-folds",
+        help="K >= 2: hold out 1/K of train/good (instead of --val-fraction) and calibrate the "
+        "threshold on out-of-fold scores of every train/good image from K - 1 more models "
+        "(K - 1 extra trainings; 0 = off).",
+    ),
     augment: bool = typer.Option(True, "--augment/--no-augment"),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
@@ -201,13 +211,14 @@ def train(
                          batch_size=batch_size,
                          lr=lr, loss=loss, inpaint=inpaint, crop=crop, map=score_map,
                          smooth=smooth, standardize=standardize, schedule=schedule, ema=ema,
-                         ignore_margin=ignore_margin and reduce == "max")
+                         ignore_margin=ignore_margin and reduce == "max", cv_folds=cv_folds)
     model = o["model"]
     train_opts = {**o["train"], "augment": augment, "seed": seed}
     score = {**o["score"], "reduce": reduce}
     # one line, before anything is read or trained
     check_threshold_args(method, fpr, q, 3.0)
     check_options(size, resize, model, train_opts, score, val_fraction)
+    check_cv_folds(cv_folds)
     with make_progress() as bar:
         run = train_detector(
             data,
@@ -224,6 +235,7 @@ def train(
             threshold_quantile=q,
             val_fraction=val_fraction,
             split_seed=seed,
+            cv_folds=cv_folds,
             progress=StageBars(bar),
         )
     if json_out:

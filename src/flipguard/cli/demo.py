@@ -115,15 +115,16 @@ def run_demo(
          "--task", "tolerance", "--atol", 0.05)
     _cli("campaign", "run", user_run, *opts, "--images", 16)
     _cli("cfr", user_run, "--by", "layer", "--criterion", "any-flip")
-    step("study", "two objects at once: train → campaign → CFR → harden → report each, "
-         "then figures across objects")
+    step("study", "two objects at once: train (threshold from 3-fold out-of-fold scores of "
+         "every normal image) → campaign → CFR → harden → report each, then figures across "
+         "objects")
     objects = out / "objects"
     for i, name in enumerate(("tiles", "plates")):
         _cli("synth", objects / name, "--n-train", 40, "--n-test", 20, "--size", 32, "--seed",
              seed + 1 + i, "--overwrite")
     _cli("study", objects, "--out", out / "study", "--size", 32, "--width", 0.25, "--epochs",
-         5, "--strata", "layer", "--error", 0.3, "--confidence", 0.9, "--images", 10,
-         "--budget", 0.05)
+         5, "--cv-folds", 3, "--strata", "layer", "--error", 0.3, "--confidence", 0.9,
+         "--images", 10, "--budget", 0.05)
     step("nas", "resilience-aware architecture search (a few trials, tiny budget)")
     _cli("nas", "--data", data_dir, "--out", out / "nas", "--trials", 4, "--size", 32,
          "--screen-epochs", 2, "--screen-samples", 64, "--full-epochs", 3, "--ra-max-samples",

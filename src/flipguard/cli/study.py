@@ -47,6 +47,8 @@ def study(root: Path = typer.Argument(..., help="MVTec-layout root (or one categ
           epochs: int = typer.Option(D["epochs"], "--epochs", min=1, help="Training epochs."),
           fpr: float = typer.Option(D["fpr"], "--fpr", help="Target false-positive rate of the "
                                     "threshold (normal data only)."),
+          cv_folds: int = typer.Option(D["cv_folds"], "--cv-folds", help="K >= 2: threshold "
+                                       "from out-of-fold scores of K models (see train)."),
           images: int | None = typer.Option(None, "--images", min=1,
                                             help="Test images per fault (default all)."),
           budget: float | None = typer.Option(0.03, "--budget", help="Hardening memory "
@@ -60,7 +62,8 @@ def study(root: Path = typer.Argument(..., help="MVTec-layout root (or one categ
     opts = StudyOptions(
         categories=tuple(c.strip() for c in categories.split(",") if c.strip())
         if categories else None,
-        train=detector_options(size=size, resize=resize, width=width, epochs=epochs, fpr=fpr),
+        train=detector_options(size=size, resize=resize, width=width, epochs=epochs, fpr=fpr,
+                               cv_folds=cv_folds),
         plan=cfg, campaign=CampaignOptions(images=images), criterion=cfg.criterion,
         budget=None if budget is not None and budget < 0 else budget, workers=workers, ray=ray)
     with Live(_view({}), console=console, refresh_per_second=2, transient=json_out) as live:

@@ -12,6 +12,7 @@ from flipguard.data.mvtec import (
     DatasetError,
     MVTecDataset,
     load_mvtec,
+    split_folds,
     split_validation,
 )
 from flipguard.data.synth import DEFECT_TYPES, make_synthetic
@@ -23,5 +24,6 @@ __all__ = [
     "MVTecDataset",
     "load_mvtec",
     "make_synthetic",
+    "split_folds",
     "split_validation",
 ]

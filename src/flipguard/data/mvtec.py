@@ -227,6 +227,28 @@ def split_validation(
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
 
 
+def split_folds(n: int, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """Seeded partition of ``range(n)`` into ``folds`` disjoint sorted int64 index arrays
+    whose sizes differ by at most one (cross-validation of the ``train/good`` images). Fold 0
+    is exactly the validation part of ``split_validation(n, 1 / folds, seed)``, so its model
+    is the one a plain training with that validation fraction gives.
+
+    >>> [f.size for f in split_folds(10, 3, seed=0)]
+    [3, 4, 3]
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise DatasetError(f"split_folds: n={n!r} is invalid; expected an integer >= 0")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise DatasetError(f"cv_folds: expected an integer >= 2 (got {folds!r})")
+    if folds > n:
+        raise DatasetError(f"cv_folds: {folds} folds need at least {folds} train/good images "
+                           f"(found {n})")
+    n_val = split_validation(n, 1.0 / int(folds), seed)[1].size
+    perm = np.random.default_rng(seed).permutation(int(n))  # the permutation it splits
+    parts = [perm[:n_val], *np.array_split(perm[n_val:], int(folds) - 1)]
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
 # --------------------------------------------------------------------------- layout helpers
 
 

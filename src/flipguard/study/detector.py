@@ -15,13 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from flipguard.data import load_mvtec, split_validation
+from flipguard.data import load_mvtec, split_folds, split_validation
 from flipguard.data.mvtec import RESIZE_MODES, DatasetError
 from flipguard.detect import ScoreConfig, Scorer, evaluate_detector, fit_map_stats, reconstruct
 from flipguard.mapselect import select_map
 from flipguard.models import CAEConfig, build_cae
+from flipguard.study.crossval import fold_rest, fold_scores
 from flipguard.study.initrun import task_metrics
 from flipguard.study.rundir import (
     DataSection,
@@ -71,6 +73,7 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "standardize": True,
     "ignore_margin": True,
     "fpr": 0.05,
+    "cv_folds": 0,
 }
 """The default detector (``flipguard train``, ``flipguard study``, the benchmarks)."""
 
@@ -89,6 +92,7 @@ def detector_options(**overrides: Any) -> dict[str, Any]:
     d = {**DETECTOR_DEFAULTS, **overrides}
     return {
         "size": d["size"], "resize": d["resize"], "threshold_fpr": d["fpr"],
+        "cv_folds": d["cv_folds"],
         "model": {"width": d["width"], "latent_dim": d["latent"], "bottleneck": d["bottleneck"],
                   "latent_stride": d["latent_stride"], "memory": d["memory"]},
         "train": {"epochs": d["epochs"], "batch_size": d["batch_size"], "lr": d["lr"],
@@ -116,6 +120,7 @@ def train_detector(
     threshold_k: float = 3.0,
     val_fraction: float = 0.1,
     split_seed: int = 0,
+    cv_folds: int = 0,
     progress: Progress | None = None,
 ) -> Run:
     """Train a CAE detector on ``data`` (MVTec layout), calibrate, evaluate, save ``out``.
@@ -123,18 +128,29 @@ def train_detector(
     The threshold comes from the scores of the held-out normal ``train/good`` images only
     (``val_fraction`` of them), for a false-positive rate of ``threshold_fpr``: by default the
     distribution-free order statistic when the validation set is large enough, else a fitted
-    tail model (``"auto"``, see :mod:`flipguard.threshold`). Every option is validated before the
-    data are read or anything is trained.
+    tail model (``"auto"``, see :mod:`flipguard.threshold`). ``cv_folds=K`` (>= 2) instead
+    holds out fold 0 of a K-fold split (``val_fraction`` is then ignored) and calibrates on the
+    out-of-fold scores of *all* ``train/good`` images, from K - 1 more models trained on the
+    other folds (:mod:`flipguard.study.crossval`). Every option is validated before the data
+    are read or anything is trained.
     """
 
     progress = progress or _noop
     check_threshold_args(threshold_method, threshold_fpr, threshold_quantile, threshold_k)
     tcfg, scfg, auto_map = check_options(size, resize, model, train, score, val_fraction)
+    check_cv_folds(cv_folds)
     ds = load_mvtec(data, category=category, size=size, channels=channels, resize=resize)
     n_ch = int(ds.train.shape[1])
-    val_fraction = _min_val_fraction(len(ds.train), val_fraction, threshold_method)
     mcfg = CAEConfig(**{"input_size": size, "channels": n_ch, "seed": tcfg.seed, **(model or {})})
-    tr_idx, val_idx = split_validation(len(ds.train), val_fraction=val_fraction, seed=split_seed)
+    folds: list[Any] = []
+    if cv_folds:
+        folds = split_folds(len(ds.train), cv_folds, seed=split_seed)
+        tr_idx, val_idx = fold_rest(folds, 0), folds[0]
+        val_fraction = len(val_idx) / len(ds.train)
+    else:
+        val_fraction = _min_val_fraction(len(ds.train), val_fraction, threshold_method)
+        tr_idx, val_idx = split_validation(len(ds.train), val_fraction=val_fraction,
+                                           seed=split_seed)
     net = build_cae(mcfg)
     t0 = time.perf_counter()
     losses = train_model(
@@ -155,8 +171,13 @@ def train_detector(
         scfg = fit_map_stats(scfg, net, ds.train[torch.as_tensor(tr_idx)])
     scorer = Scorer(scfg)
     val_scores = scorer.scores(val_imgs, reconstruct(net, val_imgs)).numpy()
+    calib, cv = val_scores, {}
+    if folds:
+        extra, cv = fold_scores(ds.train, folds, mcfg, tcfg, scfg, progress=lambda k, e, n, loss:
+                                progress(f"fold {k}/{len(folds) - 1}", e, n, {"loss": loss}))
+        calib = np.concatenate([val_scores, extra])
     thr = calibrate_threshold(
-        val_scores, quantile=threshold_quantile, method=threshold_method, k=threshold_k,
+        calib, quantile=threshold_quantile, method=threshold_method, k=threshold_k,
         fpr=threshold_fpr,
     )
     config = RunConfig(
@@ -168,6 +189,7 @@ def train_detector(
             resize=resize,
             val_fraction=val_fraction,
             split_seed=split_seed,
+            cv_folds=cv_folds,
         ),
         model=ModelSection(kind="cae", params=mcfg.model_dump()),
         score=scfg.model_dump(),
@@ -176,11 +198,11 @@ def train_detector(
             value=float(thr),
             method=threshold_method,
             fpr=threshold_fpr if threshold_method in ("auto", "tail", "empirical") else None,
-            rule_used=(resolve_auto(len(val_scores), threshold_fpr)
+            rule_used=(resolve_auto(len(calib), threshold_fpr)
                        if threshold_method == "auto" else threshold_method),
             quantile=threshold_quantile,
             k=threshold_k,
-            val_stats=score_stats(val_scores),
+            val_stats=score_stats(calib),
         ),
     )
     save_run(out, config, net)
@@ -195,7 +217,13 @@ def train_detector(
         val_fpr=float((val_scores > thr).mean()),
         map=scfg.map,
         map_selection=map_table,
+        threshold_scores=len(calib),
     )
+    if folds:  # realised FPR of the threshold on each fold's held-out normal images
+        bounds = np.cumsum([0] + cv["sizes"])
+        metrics.update(cv_folds=cv_folds, cv_train_seconds=cv["train_seconds"],
+                       cv_fold_fpr=[round(float((calib[a:b] > thr).mean()), 4)
+                                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     save_metrics(out, metrics)
     run.metrics = metrics
     return run
@@ -263,6 +291,18 @@ def evaluate_run(
     oracle = metrics.get("oracle_f1")
     metrics["f1_vs_oracle"] = metrics["f1"] / oracle if oracle else None
     return metrics
+
+
+def check_cv_folds(cv_folds: int) -> int:
+    """Validate ``cv_folds``: 0 (off) or an integer >= 2; one-line :class:`DatasetError`.
+
+    >>> check_cv_folds(5)
+    5
+    """
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 0 \
+            or cv_folds == 1:
+        raise DatasetError(f"cv_folds: expected 0 (off) or an integer >= 2 (got {cv_folds!r})")
+    return cv_folds
 
 
 def _min_val_fraction(n: int, val_fraction: float, method: str) -> float:

@@ -34,7 +34,7 @@ from flipguard.errors import ConfigError, FlipguardError
 from flipguard.fileio import atomic_write, json_clean
 from flipguard.report.study_page import render_study
 from flipguard.study.campaigns import CampaignOptions, run_study_campaign
-from flipguard.study.detector import check_options, train_detector
+from flipguard.study.detector import check_cv_folds, check_options, train_detector
 from flipguard.study.hardening import harden_run
 from flipguard.study.reports import build_report
 
@@ -232,6 +232,7 @@ def run_study(root: str | Path, out: str | Path, opts: StudyOptions,
     t = opts.train
     check_options(t.get("size", 128), t.get("resize", "stretch"), t.get("model"),
                   t.get("train"), t.get("score"), t.get("val_fraction", 0.1))
+    check_cv_folds(t.get("cv_folds", 0))
     objects = discover(root, opts.categories)
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n, _, _ in objects]

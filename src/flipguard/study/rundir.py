@@ -64,6 +64,7 @@ class DataSection(BaseModel):
     resize: str = "stretch"
     val_fraction: float = 0.1
     split_seed: int = 0
+    cv_folds: int = 0  # >= 2: validation = fold 0 of data.split_folds(n, cv_folds, split_seed)
 
 
 class ModelSection(BaseModel):
