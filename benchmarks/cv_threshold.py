@@ -5,9 +5,9 @@ same), under the same rules (diagnosis only: it reads the test labels).
     python benchmarks/cv_threshold.py runs/cv5_100 [RUN ...] [--fprs 0.05,0.1]
 
 Per run and target FPR: the threshold from fold 0's validation scores and from all out-of-fold
-scores (the run's own, recomputed from the fold-0 scores only where it cannot be read back:
-the deployed threshold is the run's), with F1, accuracy and test FPR on the test set, and the
-ratio to the oracle F1.
+scores (read back from ``RUN/threshold_scores.json``; a run written before that file existed
+shows its deployed threshold at its own FPR only), with F1, accuracy and test FPR on the test
+set, the ratio to the oracle F1, and the best F1 any threshold reaches at test FPR <= target.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from flipguard.data import split_folds
 from flipguard.detect import reconstruct
 from flipguard.metrics import threshold_metrics
-from flipguard.study.rundir import load_run
+from flipguard.study.rundir import load_run, load_threshold_scores
 from flipguard.threshold import calibrate_threshold
 
 try:
@@ -50,9 +50,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{path}: {k} folds, fold 0 {v.size} scores, all {run.metrics['threshold_scores']}"
               f" scores; oracle F1 {oracle:.3f}; image AUROC {run.metrics['image_auroc']:.3f}")
         rule = run.config.threshold.method
+        kept = load_threshold_scores(path)
         for fpr in (float(f) for f in a.fprs.split(",")):
             rows = [("fold 0 only", calibrate_threshold(v, method=rule, fpr=fpr))]
-            if fpr == run.config.threshold.fpr:
+            deployed = fpr == run.config.threshold.fpr
+            if kept is not None:
+                rows.append(("out-of-fold" + (" (deployed)" if deployed else ""),
+                             calibrate_threshold(np.asarray(kept[0]), method=rule, fpr=fpr)))
+            elif deployed:
                 rows.append(("out-of-fold (deployed)", run.threshold))
             for name, t in rows:
                 m = threshold_metrics(y, s, t)

@@ -15,6 +15,7 @@ from flipguard.detect import Scorer, fit_map_stats, reconstruct
 from flipguard.models import CAEConfig, build_cae
 from flipguard.study.crossval import fold_rest
 from flipguard.study.detector import train_detector
+from flipguard.study.rundir import SCORES_FILE, RunError, load_threshold_scores
 from flipguard.threshold import calibrate_threshold
 from flipguard.train import TrainConfig, train_model
 
@@ -100,6 +101,34 @@ def test_threshold_comes_from_out_of_fold_scores_of_every_normal_image(data, tmp
     assert run.metrics["cv_fold_fpr"] == [round(float((pooled[a:b] > run.threshold).mean()), 4)
                                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     assert len(run.metrics["cv_train_seconds"]) == 2
+    # the calibration scores are kept in the run, in fold order, to re-threshold later
+    kept, sizes = load_threshold_scores(run.path)
+    assert sizes == [f.size for f in folds]
+    np.testing.assert_allclose(kept, pooled, rtol=1e-6)
+    assert calibrate_threshold(np.asarray(kept), method="auto", fpr=0.05) == \
+        pytest.approx(run.threshold, rel=1e-6)
+
+
+def test_plain_training_keeps_its_validation_scores_and_corrupt_files_are_one_line(
+        data, tmp_path) -> None:
+    run = train_detector(data, tmp_path / "run", **KW)
+    ds = run.load_data()
+    _, val = split_validation(len(ds.train), val_fraction=run.config.data.val_fraction, seed=0)
+    x = ds.train[torch.as_tensor(val)]
+    expected = run.scorer.scores(x, reconstruct(run.model, x)).numpy()
+    kept, sizes = load_threshold_scores(run.path)
+    assert sizes == [val.size] and run.metrics["threshold_scores"] == val.size
+    np.testing.assert_allclose(kept, expected, rtol=1e-5)
+    f = run.path / SCORES_FILE
+    f.write_text('{"scores": [1.0, 2.0], "fold_sizes": [3]}')
+    with pytest.raises(RunError, match="fold_sizes add up to 3") as err:
+        load_threshold_scores(run.path)
+    assert SCORES_FILE in str(err.value) and "\n" not in str(err.value)
+    f.write_text("[1, 2")
+    with pytest.raises(RunError, match="expected"):
+        load_threshold_scores(run.path)
+    f.unlink()
+    assert load_threshold_scores(run.path) is None  # a run from before the file existed
 
 
 def test_cli_refuses_bad_fold_counts_before_anything_is_written(data, tmp_path) -> None:

@@ -34,6 +34,7 @@ from flipguard.study.rundir import (
     load_run,
     save_metrics,
     save_run,
+    save_threshold_scores,
 )
 from flipguard.threshold import (
     MIN_TAIL_SCORES,
@@ -224,6 +225,7 @@ def train_detector(
         metrics.update(cv_folds=cv_folds, cv_train_seconds=cv["train_seconds"],
                        cv_fold_fpr=[round(float((calib[a:b] > thr).mean()), 4)
                                     for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    save_threshold_scores(out, calib, cv["sizes"] if folds else [len(calib)])
     save_metrics(out, metrics)
     run.metrics = metrics
     return run

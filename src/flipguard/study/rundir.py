@@ -5,6 +5,7 @@ Layout::
     RUN/config.json    RunConfig: data, model, task, score, train and threshold sections
     RUN/model.pt       state dict (loaded with ``torch.load(..., weights_only=True)``)
     RUN/metrics.json   test metrics written by ``flipguard train`` / ``init`` / ``evaluate``
+    RUN/threshold_scores.json  the normal scores ``flipguard train`` calibrated its threshold on
     RUN/trust.json     this user's consent to import the run's model factory (study/trust.py)
 
 A run made by ``flipguard train`` is a CAE detector on an MVTec-layout root; one made by
@@ -46,6 +47,7 @@ from flipguard.study.trust import sign, trusted
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
+SCORES_FILE = "threshold_scores.json"
 
 
 class RunError(FlipguardError):
@@ -251,6 +253,43 @@ def save_run(
 def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Write ``RUN/metrics.json`` atomically (NaN written as null)."""
     atomic_write_text(Path(path) / METRICS_FILE, json.dumps(json_clean(metrics), indent=2) + "\n")
+
+
+def save_threshold_scores(path: str | Path, scores: Any, fold_sizes: list[int]) -> None:
+    """Write ``RUN/threshold_scores.json`` atomically: the held-out normal scores the threshold
+    was calibrated on (validation split, or fold 0 then folds 1 .. K-1 of ``--cv-folds``), so
+    another operating point can be chosen later without retraining.
+    """
+    values = [float(v) for v in scores]
+    if sum(fold_sizes) != len(values):
+        raise ValueError(f"fold sizes {fold_sizes} do not add up to {len(values)} scores")
+    atomic_write_text(Path(path) / SCORES_FILE,
+                      json.dumps({"scores": values, "fold_sizes": list(fold_sizes)}) + "\n")
+
+
+def load_threshold_scores(path: str | Path) -> tuple[list[float], list[int]] | None:
+    """The calibration scores and fold sizes of :func:`save_threshold_scores`; ``None`` for a
+    run written before they were kept (one-line :class:`RunError` if the file is corrupt).
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> save_threshold_scores(d, [0.5, 1.5, 2.5], [2, 1])
+    >>> load_threshold_scores(d)
+    ([0.5, 1.5, 2.5], [2, 1])
+    """
+    f = Path(path) / SCORES_FILE
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+        scores = [float(v) for v in d["scores"]]
+        sizes = [int(v) for v in d["fold_sizes"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{f}: expected {{'scores': [numbers], 'fold_sizes': [integers]}} "
+                       f"({type(e).__name__}: {e})") from None
+    if sum(sizes) != len(scores):
+        raise RunError(f"{f}: fold_sizes add up to {sum(sizes)}, not to the {len(scores)} scores")
+    return scores, sizes
 
 
 def load_run(path: str | Path) -> Run:
