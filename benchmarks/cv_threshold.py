@@ -41,16 +41,19 @@ def main(argv: list[str] | None = None) -> None:
         if k < 2:
             raise SystemExit(f"{path}: not a --cv-folds run (config.json data.cv_folds = {k})")
         ds = run.load_data()
-        fold0 = ds.train[torch.as_tensor(split_folds(len(ds.train), k,
-                                                     run.config.data.split_seed)[0])]
-        v = run.scorer.scores(fold0, reconstruct(run.model, fold0)).numpy()
+        kept = load_threshold_scores(path)
+        if kept is not None:  # fold 0's scores come first
+            v = np.asarray(kept[0][:kept[1][0]])
+        else:
+            fold0 = ds.train[torch.as_tensor(split_folds(len(ds.train), k,
+                                                         run.config.data.split_seed)[0])]
+            v = run.scorer.scores(fold0, reconstruct(run.model, fold0)).numpy()
         s = run.scorer.scores(ds.test, reconstruct(run.model, ds.test)).numpy()
         y = np.asarray(ds.test_labels)
         oracle = best_f1(s, y, 1.0)[0]
         print(f"{path}: {k} folds, fold 0 {v.size} scores, all {run.metrics['threshold_scores']}"
               f" scores; oracle F1 {oracle:.3f}; image AUROC {run.metrics['image_auroc']:.3f}")
         rule = run.config.threshold.method
-        kept = load_threshold_scores(path)
         for fpr in (float(f) for f in a.fprs.split(",")):
             rows = [("fold 0 only", calibrate_threshold(v, method=rule, fpr=fpr))]
             deployed = fpr == run.config.threshold.fpr

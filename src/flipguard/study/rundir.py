@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flipguard import __version__
 from flipguard.data import load_mvtec
@@ -255,16 +255,34 @@ def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     atomic_write_text(Path(path) / METRICS_FILE, json.dumps(json_clean(metrics), indent=2) + "\n")
 
 
+class ThresholdScores(BaseModel):
+    """``RUN/threshold_scores.json``: the held-out normal scores the threshold was calibrated on
+    (validation split, or fold 0 then folds 1 .. K-1 of ``--cv-folds``), so another operating
+    point can be chosen later without retraining."""
+
+    model_config = ConfigDict(extra="forbid")
+    scores: list[float]
+    fold_sizes: list[int]
+
+    @model_validator(mode="after")
+    def _sizes_add_up(self) -> ThresholdScores:
+        if sum(self.fold_sizes) != len(self.scores):
+            raise ValueError(f"fold_sizes add up to {sum(self.fold_sizes)}, not to the "
+                             f"{len(self.scores)} scores")
+        return self
+
+
+def _field_error(file: Path, exc: ValidationError) -> str:
+    """The first error of a pydantic validation of ``file`` as one line."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{file}: field '{loc}': {err['msg']}"
+
+
 def save_threshold_scores(path: str | Path, scores: Any, fold_sizes: list[int]) -> None:
-    """Write ``RUN/threshold_scores.json`` atomically: the held-out normal scores the threshold
-    was calibrated on (validation split, or fold 0 then folds 1 .. K-1 of ``--cv-folds``), so
-    another operating point can be chosen later without retraining.
-    """
-    values = [float(v) for v in scores]
-    if sum(fold_sizes) != len(values):
-        raise ValueError(f"fold sizes {fold_sizes} do not add up to {len(values)} scores")
-    atomic_write_text(Path(path) / SCORES_FILE,
-                      json.dumps({"scores": values, "fold_sizes": list(fold_sizes)}) + "\n")
+    """Write :class:`ThresholdScores` to ``RUN/threshold_scores.json`` atomically."""
+    kept = ThresholdScores(scores=[float(v) for v in scores], fold_sizes=list(fold_sizes))
+    atomic_write_text(Path(path) / SCORES_FILE, kept.model_dump_json() + "\n")
 
 
 def load_threshold_scores(path: str | Path) -> tuple[list[float], list[int]] | None:
@@ -281,15 +299,11 @@ def load_threshold_scores(path: str | Path) -> tuple[list[float], list[int]] | N
     if not f.is_file():
         return None
     try:
-        d = json.loads(f.read_text())
-        scores = [float(v) for v in d["scores"]]
-        sizes = [int(v) for v in d["fold_sizes"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{f}: expected {{'scores': [numbers], 'fold_sizes': [integers]}} "
-                       f"({type(e).__name__}: {e})") from None
-    if sum(sizes) != len(scores):
-        raise RunError(f"{f}: fold_sizes add up to {sum(sizes)}, not to the {len(scores)} scores")
-    return scores, sizes
+        kept = ThresholdScores.model_validate_json(f.read_text())
+    except ValidationError as exc:
+        raise RunError(_field_error(f, exc) + " (expected {'scores': [numbers], "
+                       "'fold_sizes': [integers]})") from None
+    return kept.scores, kept.fold_sizes
 
 
 def load_run(path: str | Path) -> Run:
@@ -303,9 +317,7 @@ def load_run(path: str | Path) -> Run:
     try:
         config = RunConfig.model_validate_json(cfg_file.read_text())
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise RunError(f"{cfg_file}: field '{loc}': {err['msg']}") from None
+        raise RunError(_field_error(cfg_file, exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RunError(f"{cfg_file}: unreadable ({exc})") from None
     if not w_file.is_file():
