@@ -293,7 +293,33 @@ def test_layers_are_certified_only_where_the_faults_repay_it():
     assert not few.table("4").any()
     many = Certifier(eng, faults={"4": 10**6})
     assert many.certificate("4").reason is None and many.table("4").any()
-    assert few.options() != many.options()  # cached under different keys
+    assert few.options() == many.options()  # one cache, whatever the campaign's size
+
+
+def test_a_smaller_campaigns_cache_serves_a_larger_one(tmp_path):
+    """Certificates saved by a campaign that skipped a layer as not worth it are reused by a
+    larger campaign: only the skipped layer, now worth it, is computed; a campaign as small
+    as the first finds nothing stale; a full cache is stale for no campaign."""
+    net, x, task = _case("cnn")
+    eng = Engine(net, x, task).prepare()
+    few = Certifier(eng, faults={"4": 3}).compute_all()
+    path = few.save(tmp_path / "c.npz")
+    assert few.certificate("4").share is not None and few.stale() == []
+    again = Certifier(eng, faults={"4": 3, "0": 3}).load(path)
+    assert again.stale() == [] and again.certificate("4").reason == "not worth it for 3 faults"
+    big = Certifier(eng, faults={"4": 10**6}).load(path)
+    kept = {k: v.T for k, v in big._tables.items() if k != "4"}
+    assert big.stale() == ["4"] and big.refresh() == ["4"] and big.stale() == []
+    fresh = Certifier(eng, faults={"4": 10**6})
+    assert big.certificate("4").reason is None
+    assert np.array_equal(big.table("4"), fresh.table("4"))
+    assert all(big._tables[k].T is v for k, v in kept.items())  # the others: not recomputed
+    full = Certifier(eng).load(big.save(path))  # no fault counts: every layer pays
+    assert sorted(full.stale()) == ["0", "7"] and sorted(full.refresh()) == ["0", "7"]
+    full.save(path)
+    for faults in ({"4": 3}, {"0": 10**6, "4": 10**6, "7": 10**6}, None):
+        done = Certifier(eng, faults=faults).load(path)
+        assert done.stale() == [] and all(v.reason is None for v in done._tables.values())
 
 
 def test_padding_the_envelope_cannot_follow_is_not_certified():
@@ -305,3 +331,45 @@ def test_padding_the_envelope_cannot_follow_is_not_certified():
     lc = cert.certificate("0")
     assert lc.reason.startswith("unsupported") and not lc.T.any()
     assert cert.certificate("2").reason is None  # the Linear layer after it still certifies
+
+
+def test_a_second_campaign_reuses_the_certificates(tmp_path, monkeypatch):
+    """A campaign of another size on the same weights (a copy of the run with its cache)
+    computes no cut radii and only the layers the first campaign skipped that now pay; both
+    read one cache file, and the decisions are those of the first campaign's certificates."""
+    from test_runner import make_tiny_run
+
+    torch.set_num_threads(1)
+    run = make_tiny_run(tmp_path)
+    args = ["--strata", "layer", "--confidence", "0.9", "--layers", "decoder.14,decoder.16",
+            "--images", "6", "--certify", "--json"]
+    calls = {"cuts": 0, "layers": []}
+    cuts, layer = Certifier._compute_cuts, Certifier._compute
+
+    def count_cuts(self):
+        calls["cuts"] += 1
+        return cuts(self)
+
+    def count_layer(self, name):
+        calls["layers"].append(name)
+        return layer(self, name)
+
+    monkeypatch.setattr(Certifier, "_compute_cuts", count_cuts)
+    monkeypatch.setattr(Certifier, "_compute", count_layer)
+    cli = CliRunner()
+    a = cli.invoke(app, ["campaign", "run", str(run), *args, "--error", "0.3"])
+    assert a.exit_code == 0, a.output
+    assert calls["cuts"] == 1 and len(calls["layers"]) >= 2
+    (cache,) = (run / "certificates").glob("*.npz")
+    with np.load(cache) as d:
+        meta = json.loads(bytes(d["__meta__"]).decode())
+    skipped = {k for k, v in meta.items() if k != "__cuts__" and v["share"] is not None}
+    other = tmp_path / "copy"
+    shutil.copytree(run, other)
+    (other / "campaign.sqlite").unlink()
+    calls.update(cuts=0, layers=[])
+    b = cli.invoke(app, ["campaign", "run", str(other), *args, "--error", "0.2"])
+    assert b.exit_code == 0, b.output
+    assert calls["cuts"] == 0 and set(calls["layers"]) <= skipped & {"decoder.14", "decoder.16"}
+    assert [p.name for p in (other / "certificates").glob("*.npz")] == [cache.name]
+    assert json.loads(b.stdout)["certified_pairs"] > 0

@@ -91,6 +91,7 @@ class LayerCertificate:
     reason: str | None = None  # why nothing is certified (None: computed)
     images: int = 0
     F: np.ndarray | None = None
+    share: float | None = None  # skipped as not worth it: the first chunk's certified share
 
     def __post_init__(self) -> None:
         if self.F is None:
@@ -342,9 +343,10 @@ class Certifier:
                 if a == 0 and share < self.min_share:
                     return _nothing(n_out, eng.n, "bound too loose", b)
                 n_faults = (self.faults or {}).get(layer, 0)
-                if a == 0 and self.faults is not None and \
-                        n_faults * share < (n_out + 1) * len(self.levels):
-                    return _nothing(n_out, eng.n, f"not worth it for {n_faults} faults", b)
+                if a == 0 and not self._pays(layer, n_out, share):
+                    skipped = _nothing(n_out, eng.n, f"not worth it for {n_faults} faults", b)
+                    skipped.share = share
+                    return skipped
         except Unsupported as exc:
             return _nothing(n_out, eng.n, f"unsupported: {exc}")
         T[~np.isfinite(T)] = 0.0
@@ -387,12 +389,35 @@ class Certifier:
             fin[c0:c0 + g] = _largest(t, finite, Fj, Rj)
         return out, fin
 
+    def _pays(self, layer: str, n_out: int, share: float) -> bool:
+        """Whether certifying ``layer`` repays its cost for ``faults`` (always without)."""
+        return self.faults is None or \
+            self.faults.get(layer, 0) * share >= (n_out + 1) * len(self.levels)
+
+    def stale(self) -> list[str]:
+        """Layers skipped as not worth it (e.g. by an earlier, smaller campaign whose
+        certificates were loaded) that would repay certifying for the current ``faults``."""
+        return [k for k, v in self._tables.items()
+                if v.share is not None and self._pays(k, v.T.shape[0], v.share)]
+
+    def refresh(self) -> list[str]:
+        """Compute the :meth:`stale` layers' certificates; returns their names.
+
+        A cache made for another campaign on the same engine is thus reused: only layers it
+        skipped, and that now pay, are computed.
+        """
+        names = self.stale()
+        for k in names:
+            del self._tables[k]
+            self.certificate(k)
+        return names
+
     def options(self) -> dict[str, Any]:
-        """The options that change the certificates (for cache keys)."""
+        """The options that change the certificates (for cache keys; not ``faults``: a
+        layer skipped for too few faults is recomputed by :meth:`refresh` where it pays)."""
         return {"safety": self.safety, "levels": list(self.levels), "rounding": self.rounding,
-                "min_share": self.min_share, "slack": SLACK, "version": 4,
-                "cut_levels": list(self.cut_levels),
-                "faults": None if self.faults is None else dict(sorted(self.faults.items()))}
+                "min_share": self.min_share, "slack": SLACK, "version": 5,
+                "cut_levels": list(self.cut_levels)}
 
     def compute_all(self) -> Certifier:
         """Certificates of every Conv/ConvT/Linear layer of the traced graph, and of every
@@ -414,7 +439,8 @@ class Certifier:
         for k, v in self._tables.items():
             arrays[f"T:{k}"] = v.T
             arrays[f"F:{k}"] = v.F
-            meta[k] = {"seconds": v.seconds, "reason": v.reason, "images": v.images}
+            meta[k] = {"seconds": v.seconds, "reason": v.reason, "images": v.images,
+                       "share": v.share}
         for stop, rho in (self._cuts or {}).items():
             arrays[f"C:{stop}"] = rho
         meta["__cuts__"] = self._cuts is not None
@@ -435,7 +461,7 @@ class Certifier:
             for k, v in meta.items():
                 self._tables[k] = LayerCertificate(np.asarray(d[f"T:{k}"]), v["seconds"],
                                                    v["reason"], v["images"],
-                                                   np.asarray(d[f"F:{k}"]))
+                                                   np.asarray(d[f"F:{k}"]), v.get("share"))
         if self._radius.shape != (self.engine.n,):
             raise ConfigError(f"{path}: certificates for {self._radius.shape[0]} images, the "
                               f"engine evaluates {self.engine.n}")

@@ -70,8 +70,9 @@ _PARTS: dict[Any, EngineParts] = {}
 
 def _certificates(factory: RunEngineFactory, eng: Engine) -> None:
     """Load the engine's certificates from ``RUN/certificates/<digest>.npz`` (keyed by the
-    model, data and task fingerprints and the certifier's options), or compute and save
-    them: the first engine of a campaign computes, its workers load."""
+    model, data and task fingerprints and the certifier's options, not the campaign's
+    faults), or compute and save them: the first engine of a campaign computes (or adds the
+    layers an earlier campaign skipped and this one repays), its workers load."""
     cert = eng.certifier
     if cert is None or cert.reason is not None:
         return
@@ -82,11 +83,16 @@ def _certificates(factory: RunEngineFactory, eng: Engine) -> None:
         hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
     if path.exists():
         cert.load(path)
-        return
+        if not cert.stale():  # another campaign's cache serves unless it skipped a layer
+            return            # that this campaign's faults repay
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, os.cpu_count() or 1))  # before any worker starts
     try:
-        cert.compute_all().save(path)
+        if path.exists():
+            cert.refresh()
+        else:
+            cert.compute_all()
+        cert.save(path)
     finally:
         torch.set_num_threads(threads)
 
