@@ -38,6 +38,7 @@ from flipguard.campaign.grouping import groups_text, parse_groups
 from flipguard.campaign.priors import P_FLOOR, data_aware_p
 from flipguard.campaign.sampling import draw_faults, stratum_rng
 from flipguard.campaign.stats import ROUNDINGS, allocate, check_confidence, check_error, check_p
+from flipguard.campaign.substrata import check_class_priors
 from flipguard.errors import ConfigError
 from flipguard.faults import Fault, SiteSpace, get_format
 from flipguard.inject.outcomes import parse_criterion
@@ -77,7 +78,11 @@ class PlanConfig:
     ``exclude_certified`` (stratified only): faults proven to change no decision form an
     exactly known sub-stratum and are never drawn (:mod:`flipguard.campaign.certified`);
     ``class_groups`` (stratified only, e.g. ``"0-2,3,4"``): predicted classes sampled as one
-    sub-stratum (:mod:`flipguard.campaign.grouping`).
+    sub-stratum (:mod:`flipguard.campaign.grouping`); ``class_priors`` (stratified only): one
+    prior critical rate per predicted class instead of the fixed
+    :data:`~flipguard.campaign.substrata.CLASS_PRIORS` (e.g. calibrated by earlier campaigns
+    of the run); they shape the allocation and the round weights, never the validity of the
+    estimates.
 
     >>> PlanConfig(strata="bit,layer", p="0.5").strata
     'layer,bit'
@@ -102,6 +107,7 @@ class PlanConfig:
     stuck_at: str = "all"
     exclude_certified: bool = False
     class_groups: str | None = None
+    class_priors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -146,6 +152,11 @@ class PlanConfig:
                 raise ConfigError("class-groups: predicted classes form sub-strata of "
                                   "criticality-stratified plans; use --sampling stratified")
             set_("class_groups", groups_text(parse_groups(self.class_groups)))
+        if self.class_priors is not None:
+            if self.sampling != "stratified":
+                raise ConfigError("class-priors: the priors of predicted classes plan "
+                                  "criticality-stratified campaigns; use --sampling stratified")
+            set_("class_priors", check_class_priors(self.class_priors))
         if self.exclude_certified and self.sampling != "stratified":
             raise ConfigError("exclude-certified: certified faults form a sub-stratum of "
                               "criticality-stratified plans; use --sampling stratified")
@@ -168,12 +179,13 @@ class PlanConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("layers", "targets", "user_strata"):
+        for k in ("layers", "targets", "user_strata", "class_priors"):
             d[k] = None if d[k] is None else list(d[k])
         if self.sampling == "uniform":  # uniform plans keep their digests
             del d["sampling"], d["criterion"]
         for k, default in (("t", "exact"), ("stuck_at", "all"),
-                           ("exclude_certified", False), ("class_groups", None)):  # defaults
+                           ("exclude_certified", False), ("class_groups", None),
+                           ("class_priors", None)):  # defaults
             if d[k] == default:
                 del d[k]
         return d
@@ -181,7 +193,7 @@ class PlanConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlanConfig:
         d = dict(d)
-        for k in ("layers", "targets", "user_strata"):
+        for k in ("layers", "targets", "user_strata", "class_priors"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)

@@ -122,7 +122,8 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
     harmless into the :data:`~flipguard.campaign.substrata.CERTIFIED` sub-stratum: known
     exactly, never drawn, so only each stratum's uncertified remainder is sampled. With
     ``plan.config.class_groups`` the classes of a group form one sub-stratum, keyed by the
-    group's lowest class, its prior the size-weighted mean of its classes' priors."""
+    group's lowest class, its prior the size-weighted mean of its classes' priors (those of
+    ``plan.config.class_priors`` when given, else the fixed class priors)."""
     if predictor is None:
         raise ConfigError("sampling: 'stratified' needs a run directory (the predictor "
                           "evaluates the run's images)")
@@ -130,13 +131,13 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
     subs: list[PlannedStratum] = []
     classes: dict[str, np.ndarray] = {}
     certified = getattr(predictor, "certified", None)
-    groups = plan.config.class_groups
+    groups, priors = plan.config.class_groups, plan.config.class_priors
     gmap = None if groups is None else group_map(parse_groups(groups))
     for s in plan.strata:
         cls = predictor.classes(s.layer, s.bit, s.kernel, s.bits, s.target, s.kinds)
         prior: dict[int, float] = {}  # a group's prior; a class's own otherwise
         if gmap is not None:
-            cls, prior = _grouped(np.asarray(cls), gmap, groups)
+            cls, prior = _grouped(np.asarray(cls), gmap, groups, priors)
         K, nb = len(s.kinds), len(s.bit_list)
         elem, rest = np.divmod(np.arange(cls.size), nb * K)
         index = (elem if s.kernel is None else
@@ -156,13 +157,13 @@ def stratify_plan(plan: Plan, predictor: Any) -> StratifiedPlan:
             N = int(cnt[sel].sum())
             subs.append(PlannedStratum(
                 substratum_key(s.key, h), s.layer, s.target, s.bit, s.bits, s.kernel, N, N,
-                0 if h == CERTIFIED else min(N, AUDIT), prior.get(int(h), class_prior(h)),
+                0 if h == CERTIFIED else min(N, AUDIT), prior.get(int(h), class_prior(h, priors)),
                 s.bit_list, s.elements, s.kernel_numel, s.kinds, crit=h, parent=s.key, counts=rows))
     return StratifiedPlan(plan.config, subs, plan.space, predictor, list(plan.strata), classes)
 
 
-def _grouped(cls: np.ndarray, gmap: np.ndarray, text: str
-             ) -> tuple[np.ndarray, dict[int, float]]:
+def _grouped(cls: np.ndarray, gmap: np.ndarray, text: str,
+             priors: Sequence[float] | None = None) -> tuple[np.ndarray, dict[int, float]]:
     """Classes mapped to their group's lowest class, and each group's prior (the
     size-weighted mean of its classes' priors)."""
     if cls.size and int(cls.max()) >= len(gmap):
@@ -174,7 +175,7 @@ def _grouped(cls: np.ndarray, gmap: np.ndarray, text: str
         members = np.flatnonzero(gmap == g)
         n = int(cnt[members].sum())
         if n:
-            prior[g] = float(sum(cnt[m] * class_prior(int(m)) for m in members) / n)
+            prior[g] = float(sum(cnt[m] * class_prior(int(m), priors) for m in members) / n)
     return gmap[cls.astype(np.int64)], prior
 
 
@@ -223,12 +224,13 @@ def history(N: int, by_round: dict[int, Any], prior: float = 0.0,
                    tuple(b for _, _, b in later), k_all / n_all if n_all else 0.5, float(prior))
 
 
-def calibrated_priors(subs: Sequence[PlannedStratum], obs: dict[str, dict[int, list[int]]]
+def calibrated_priors(subs: Sequence[PlannedStratum], obs: dict[str, dict[int, list[int]]],
+                      priors: Sequence[float] | None = None
                       ) -> dict[int, tuple[float, int, int]]:
     """Per predicted class: ``(rate, n, k)`` with the rate the class's audit pooled over
     every stratum, ``(k + 1/2) / (n + 1)`` (Jeffreys), or the class prior where nothing of
-    the class was audited. Allocation plans with these instead of the fixed class priors
-    (the estimates never depend on them).
+    the class was audited (``priors``: the plan's, default the fixed ones). Allocation plans
+    with these rates (the estimates never depend on them).
 
     >>> s = [PlannedStratum("a:crit=4", "a", "weight", None, None, None, 100, 100, 30, 0.95,
     ...                     crit=4, parent="a")]
@@ -243,7 +245,7 @@ def calibrated_priors(subs: Sequence[PlannedStratum], obs: dict[str, dict[int, l
         v = pooled.setdefault(int(sub.crit), [0, 0])
         v[0] += n0
         v[1] += k0
-    return {h: ((k + 0.5) / (n + 1.0) if n else class_prior(h), n, k)
+    return {h: ((k + 0.5) / (n + 1.0) if n else class_prior(h, priors), n, k)
             for h, (n, k) in sorted(pooled.items())}
 
 
@@ -265,7 +267,7 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
     groups: dict[str, list[PlannedStratum]] = {}
     for s in plan.strata:
         groups.setdefault(s.parent, []).append(s)
-    calib = calibrated_priors(plan.strata, obs)
+    calib = calibrated_priors(plan.strata, obs, config.class_priors)
     for parent, subs in groups.items():
         if parent in closed:
             continue
@@ -293,8 +295,8 @@ def refine_stratified(store: Any, model: Any, predictor: Any, criterion: str,
                 new += [PlannedFault(start + len(new) + i, s.key, kk, f, kern, rounds + 1)
                         for i, (kk, f, kern) in enumerate(drawn)]
     meta: dict[str, Any] = {"closed": sorted(closed), "calibration": {
-        sub_label(predictor, config, h): {"prior": class_prior(h), "audited": n, "critical": k,
-                                 "rate": p}
+        sub_label(predictor, config, h): {"prior": class_prior(h, config.class_priors),
+                                          "audited": n, "critical": k, "rate": p}
         for h, (p, n, k) in calib.items()}}
     if new:
         meta["rounds"] = rounds + 1

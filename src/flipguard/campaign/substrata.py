@@ -67,13 +67,36 @@ def class_label(labels: Sequence[str], h: int) -> str:
     return "certified" if int(h) == CERTIFIED else labels[int(h)]
 
 
-def class_prior(h: int) -> float:
-    """Prior critical rate of class ``h`` (0 for :data:`CERTIFIED`: known, not a prior)."""
-    return 0.0 if int(h) == CERTIFIED else CLASS_PRIORS[int(h)]
+def class_prior(h: int, priors: Sequence[float] | None = None) -> float:
+    """Prior critical rate of class ``h``: ``priors[h]`` (a plan's calibrated priors) or
+    :data:`CLASS_PRIORS`; 0 for :data:`CERTIFIED` (known, not a prior).
+
+    >>> class_prior(0), class_prior(0, (0.0007, 0.0006, 0.01, 0.3, 0.99)), class_prior(CERTIFIED)
+    (0.002, 0.0007, 0.0)
+    """
+    return 0.0 if int(h) == CERTIFIED else (CLASS_PRIORS if priors is None else priors)[int(h)]
+
+
+def check_class_priors(values: Sequence[float]) -> tuple[float, ...]:
+    """One prior critical rate in (0, 1) per class of :data:`CLASS_LABELS`, least to most
+    critical (``class-priors`` of a plan).
+
+    >>> check_class_priors([0.001, 0.002, 0.01, 0.3, 0.99])
+    (0.001, 0.002, 0.01, 0.3, 0.99)
+    """
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != len(CLASS_LABELS) or not all(0.0 < v < 1.0 for v in out):
+        raise ConfigError(f"class-priors: expected {len(CLASS_LABELS)} rates in (0, 1), one "
+                          f"per class ({', '.join(CLASS_LABELS)}), got {values!r}")
+    return out
 
 
 __all__ = ["CERTIFIED", "CLASS_LABELS", "CLASS_PRIORS", "Cell", "StratEstimate",
-           "StratifiedResult", "allocate", "cell_interval", "class_label", "class_prior", "draw",
+           "StratifiedResult", "allocate", "cell_interval", "check_class_priors", "class_label",
+           "class_prior", "draw",
            "estimate", "neyman", "plan_rates", "predicted_margin", "run_stratified", "split_key",
            "sub_interval", "substratum_key", "substratum_rng"]
 

@@ -24,7 +24,7 @@ from flipguard.cli._common import (
 from flipguard.cli.options import command, option
 from flipguard.errors import ConfigError
 from flipguard.study import campaigns as sc
-from flipguard.study.calibration import class_groups_option
+from flipguard.study.calibration import class_groups_option, class_priors_option
 
 app = typer.Typer(help="Statistical fault-injection campaigns (plan, run, status, export).",
                   no_args_is_help=True)
@@ -69,6 +69,10 @@ class PlanOptions:
                                "predicted classes sampled as one sub-stratum: auto (as the "
                                "run's calibration from earlier campaigns says pays; none "
                                "without one) | none | ranges, e.g. 0-2,3,4")
+    class_priors: str = option("calibrated", "--class-priors", help="With --sampling "
+                               "stratified: prior critical rate per predicted class: "
+                               "calibrated (from the run's earlier campaigns; fixed without "
+                               "any) | fixed | five rates, e.g. 0.001,0.01,0.1,0.5,0.95")
     stuck_at: str = option("all", "--stuck-at", help="Stuck-at population: all (default; "
                            "includes the no-op half, bit already at the stuck value) | "
                            "effective (only faults that change the stored bit)")
@@ -94,12 +98,19 @@ class PlanOptions:
             criterion=self.criterion, t=self.t, stuck_at=self.stuck_at,
             exclude_certified=self.exclude_certified,
             class_groups=class_groups_option(self.class_groups)[0]
+            if self.sampling == "stratified" else None,
+            class_priors=class_priors_option(self.class_priors)[0]
             if self.sampling == "stratified" else None)
 
     @property
     def auto_groups(self) -> bool:
         """``--class-groups auto``: resolved against the run's calibration."""
         return self.sampling == "stratified" and class_groups_option(self.class_groups)[1]
+
+    @property
+    def auto_priors(self) -> bool:
+        """``--class-priors calibrated``: resolved against the run's calibration."""
+        return self.sampling == "stratified" and class_priors_option(self.class_priors)[1]
 
 
 @dataclass(frozen=True)
@@ -165,7 +176,7 @@ def plan(run: Path | None = typer.Argument(None, help="Run directory (or use --m
                               ) from None
         summary = sc.plan_model(model, cfg, shape)
     elif run is not None:
-        summary = sc.plan_campaign(run, cfg, images, probe, opts.auto_groups)
+        summary = sc.plan_campaign(run, cfg, images, probe, opts.auto_groups, opts.auto_priors)
     else:
         raise ConfigError("RUN: expected a run directory or --model pkg.module:factory")
     if json_out:
@@ -195,7 +206,8 @@ def plan(run: Path | None = typer.Argument(None, help="Run directory (or use --m
 def run_cmd(run: Path = typer.Argument(..., help="Run directory."),
             *, plan: PlanOptions, how: RunOptions, json_out: bool = JSON) -> None:
     """Run (or resume) the campaign of RUN; results go to RUN/campaign.sqlite."""
-    cfg, opts = plan.config(), replace(how.options(), auto_groups=plan.auto_groups)
+    cfg, opts = plan.config(), replace(how.options(), auto_groups=plan.auto_groups,
+                                       auto_priors=plan.auto_priors)
     bar = make_progress()  # shown once the store is open: errors before it stay one line
     task = bar.add_task("faults", total=None, info="")
 

@@ -89,7 +89,8 @@ def run_demo(
     _cli("campaign", "run", rem_dir, *rem)
     _cli("cfr", rem_dir, "--by", "layer")
     console.print("[dim]the next stratified plan learns from this campaign's calibration "
-                  "(RUN/criticality/calibration.json): class groups chosen before drawing:[/dim]")
+                  "(RUN/criticality/calibration.json): class groups and class priors chosen "
+                  "before drawing, the certificates reused:[/dim]")
     next_dir = _copy_run(run_dir, out / "run-calibrated")
     for sub in ("criticality", "certificates"):
         if (rem_dir / sub).is_dir():

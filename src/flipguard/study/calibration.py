@@ -25,18 +25,28 @@ from typing import Any
 
 from flipguard.campaign.grouping import choose_groups, groups_text, parse_groups
 from flipguard.campaign.planner import PlanConfig, make_plan
+from flipguard.campaign.stats import interval
 from flipguard.campaign.store import CampaignStore, store_path
 from flipguard.campaign.stratified import AUDIT, stratify_plan
-from flipguard.campaign.substrata import CERTIFIED, CLASS_LABELS, CLASS_PRIORS
+from flipguard.campaign.substrata import (
+    CERTIFIED,
+    CLASS_LABELS,
+    CLASS_PRIORS,
+    check_class_priors,
+)
 from flipguard.errors import ConfigError
 from flipguard.fileio import replacing
 from flipguard.study.predictors import calibration_table
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "calibration_key", "class_groups_option",
-           "load_calibration", "record_calibration", "resolve_class_groups"]
+__all__ = ["CALIBRATION_FILE", "PRIOR_CONFIDENCE", "Calibration", "calibration_key",
+           "class_groups_option", "class_priors_option", "load_calibration",
+           "record_calibration", "resolve_calibrated", "resolve_class_groups",
+           "resolve_class_priors"]
 
 CALIBRATION_FILE = "criticality/calibration.json"
 _VERSION = 1
+PRIOR_CONFIDENCE = 0.9
+"""Level of the interval a calibrated class prior is taken from (:meth:`Calibration.priors`)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,25 @@ class Calibration:
         """
         return {h: (k + 0.5) / (n + 1.0) if n else CLASS_PRIORS[h]
                 for h, (n, k) in enumerate(self.counts)}
+
+    def priors(self, confidence: float = PRIOR_CONFIDENCE) -> tuple[float, ...]:
+        """Cautious class priors: per class the value closest to 1/2 in the Clopper–Pearson
+        interval (``confidence``) of its calibrated rate, the fixed prior where no fault of
+        the class was observed. A prior only shapes allocation and round weights: set too
+        high it costs faults, too low it risks the margin, never the interval's validity.
+
+        >>> c = Calibration(((9825, 0), (0, 0), (797, 5), (633, 185), (1193, 1193)), 1)
+        >>> [round(v, 4) for v in c.priors()]
+        [0.0003, 0.02, 0.0131, 0.3235, 0.9975]
+        """
+        out = []
+        for h, (n, k) in enumerate(self.counts):
+            if not n:
+                out.append(CLASS_PRIORS[h])
+                continue
+            lo, hi = interval(k, n, confidence, "clopper-pearson")
+            out.append(min(max(0.5, lo), hi))
+        return check_class_priors([min(max(v, 1e-6), 1 - 1e-6) for v in out])
 
 
 def calibration_key(factory: Any, cfg: PlanConfig) -> str:
@@ -123,11 +152,9 @@ def resolve_class_groups(run: str | Path, cfg: PlanConfig, factory: Any, predict
     with the smallest predicted campaign at the calibrated rates."""
     if cfg.sampling != "stratified" or cfg.class_groups is not None:
         return cfg, None
-    path = store_path(run)
-    if path.exists() and not fresh:
-        with CampaignStore(path) as store:
-            plan = store.definition.get("plan", {})
-        stored = plan.get("class_groups") if plan.get("sampling") == "stratified" else None
+    plan = _resumed_plan(run, fresh)
+    if plan is not None:
+        stored = plan.get("class_groups")
         return replace(cfg, class_groups=stored), (
             f"class groups: {stored or 'none'} (as the campaign being resumed)")
     calib = load_calibration(run, calibration_key(factory, cfg))
@@ -144,9 +171,76 @@ def resolve_class_groups(run: str | Path, cfg: PlanConfig, factory: Any, predict
     finest = groups_text(tuple((h,) for h in range(len(CLASS_LABELS))))
     note = (f"class groups: {text} (auto, calibrated on {calib.faults:,} faults of "
             f"{calib.campaigns} campaign(s): at those rates {table[text]:,} faults predicted "
-            f"vs {table[finest]:,} with every class apart; the plan's p are the fixed class "
-            f"priors until its audit)")
+            f"vs {table[finest]:,} with every class apart)")
     return replace(cfg, class_groups=None if text == finest else text), note
+
+
+def resolve_class_priors(run: str | Path, cfg: PlanConfig, factory: Any, fresh: bool = False
+                         ) -> tuple[PlanConfig, str | None]:
+    """``cfg`` with the class priors ``--class-priors calibrated`` takes from the run's
+    calibration (:meth:`Calibration.priors`), and a note saying which.
+
+    A campaign being resumed keeps the priors it was planned with; without a calibration the
+    plan keeps the fixed class priors. The priors are frozen into the plan before anything
+    is drawn (round weights are fixed before each round), so the estimates stay unbiased."""
+    if cfg.sampling != "stratified" or cfg.class_priors is not None:
+        return cfg, None
+    plan = _resumed_plan(run, fresh)
+    if plan is not None:
+        stored = plan.get("class_priors")
+        return replace(cfg, class_priors=None if stored is None else tuple(stored)), (
+            f"class priors: {_priors_text(stored)} (as the campaign being resumed)")
+    calib = load_calibration(run, calibration_key(factory, cfg))
+    if calib is None:
+        return cfg, "class priors: fixed (no calibration of this run's predictor yet)"
+    priors = calib.priors()
+    return replace(cfg, class_priors=priors), (
+        f"class priors: {_priors_text(priors)} (calibrated on {calib.faults:,} faults of "
+        f"{calib.campaigns} campaign(s), the cautious end of each class's "
+        f"{PRIOR_CONFIDENCE:.0%} interval; fixed: {_priors_text(CLASS_PRIORS)})")
+
+
+def resolve_calibrated(run: str | Path, cfg: PlanConfig, factory: Any, predictor: Any,
+                       fresh: bool = False, groups: bool = False, priors: bool = False
+                       ) -> tuple[PlanConfig, list[str]]:
+    """``cfg`` with the class priors (``priors``, :func:`resolve_class_priors`) and class
+    groups (``groups``, :func:`resolve_class_groups`) the run's calibration gives, and the
+    notes saying which."""
+    notes = []
+    if priors:
+        cfg, note = resolve_class_priors(run, cfg, factory, fresh)
+        notes += [note] if note else []
+    if groups:
+        cfg, note = resolve_class_groups(run, cfg, factory, predictor, fresh)
+        notes += [note] if note else []
+    return cfg, notes
+
+
+def _priors_text(priors: Any) -> str:
+    return "fixed" if priors is None else ", ".join(f"{v:.3g}" for v in priors)
+
+
+def _resumed_plan(run: str | Path, fresh: bool) -> dict[str, Any] | None:
+    """The plan of the stratified campaign a run would resume (None: a new campaign)."""
+    path = store_path(run)
+    if fresh or not path.exists():
+        return None
+    with CampaignStore(path) as store:
+        plan = store.definition.get("plan", {})
+    return plan if plan.get("sampling") == "stratified" else {}
+
+
+def class_priors_option(text: str) -> tuple[tuple[float, ...] | None, bool]:
+    """CLI ``--class-priors``: ``(priors, calibrated)`` from ``calibrated`` | ``fixed`` |
+    five comma-separated rates.
+
+    >>> class_priors_option("calibrated"), class_priors_option("0.001,0.01,0.1,0.5,0.9")
+    ((None, True), ((0.001, 0.01, 0.1, 0.5, 0.9), False))
+    """
+    t = text.strip().lower()
+    if t in ("calibrated", "fixed"):
+        return None, t == "calibrated"
+    return check_class_priors(t.split(",")), False
 
 
 def class_groups_option(text: str) -> tuple[str | None, bool]:

@@ -37,7 +37,7 @@ from flipguard.campaign.runner import execute_chunk
 from flipguard.errors import ConfigError
 from flipguard.layers import evenly_spaced
 from flipguard.models import load_model
-from flipguard.study.calibration import record_calibration, resolve_class_groups
+from flipguard.study.calibration import record_calibration, resolve_calibrated
 from flipguard.study.engines import RunEngineFactory
 from flipguard.study.predictors import predictor_for_factory
 from flipguard.study.stores import check_run_store
@@ -54,7 +54,9 @@ class CampaignOptions:
     ``chunk`` faults per engine batch, ``probe`` faults timed first, ``certify`` (skip
     the simulation of faults proven to change no decision), ``auto_groups`` (a stratified
     plan groups predicted classes as the run's calibration says pays,
-    :func:`flipguard.study.calibration.resolve_class_groups`)."""
+    :func:`flipguard.study.calibration.resolve_class_groups`), ``auto_priors`` (its class
+    priors come from that calibration, :func:`~flipguard.study.calibration.
+    resolve_class_priors`)."""
 
     images: int | None = None
     workers: int = 1
@@ -66,6 +68,7 @@ class CampaignOptions:
     probe: int = 4
     certify: bool = False
     auto_groups: bool = False
+    auto_priors: bool = False
 
 
 @dataclass
@@ -145,14 +148,14 @@ def _notes(cfg: PlanConfig, plan: Any) -> list[str]:
 
 
 def plan_campaign(run: str | Path, cfg: PlanConfig, images: int | None = None,
-                  probe: int = 3, auto_groups: bool = False) -> PlanSummary:
+                  probe: int = 3, auto_groups: bool = False, auto_priors: bool = False
+                  ) -> PlanSummary:
     """The plan of ``cfg`` for a run directory, with a time estimate from ``probe`` timed
-    faults (one process); ``auto_groups``: see :class:`CampaignOptions`."""
+    faults (one process); ``auto_groups``, ``auto_priors``: see :class:`CampaignOptions`."""
     factory = RunEngineFactory(str(run), images=images, fmt=cfg.fmt)
     predictor = predictor_for(factory, cfg)
-    note = None
-    if auto_groups:
-        cfg, note = resolve_class_groups(run, cfg, factory, predictor)
+    cfg, notes = resolve_calibrated(run, cfg, factory, predictor, groups=auto_groups,
+                                    priors=auto_priors)
     plan = sampling_type(cfg.sampling).make(factory.model(), cfg, predictor)
     faults = plan.faults()
     per_fault = None
@@ -165,7 +168,7 @@ def plan_campaign(run: str | Path, cfg: PlanConfig, images: int | None = None,
     d = plan.to_dict()
     total = d.get("predicted_total", plan.total)
     return PlanSummary(d, None if per_fault is None else per_fault * total,
-                       _notes(cfg, plan) + ([note] if note else []))
+                       _notes(cfg, plan) + notes)
 
 
 def plan_model(spec: str, cfg: PlanConfig, input_shape: tuple[int, ...] | None = None
@@ -195,9 +198,8 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
     factory = RunEngineFactory(str(run), images=opts.images, fmt=cfg.fmt, certify=opts.certify)
     predictor = predictor_for(factory, cfg)
     stratified = sampling_type(cfg.sampling).needs_predictor
-    note = None
-    if opts.auto_groups:
-        cfg, note = resolve_class_groups(run, cfg, factory, predictor, opts.fresh)
+    cfg, notes = resolve_calibrated(run, cfg, factory, predictor, opts.fresh,
+                                    groups=opts.auto_groups, priors=opts.auto_priors)
     with open_campaign(run, cfg, factory, fresh=opts.fresh, predictor=predictor) as store:
         if opts.certify and not cfg.exclude_certified:  # only layers where faults repay it
             # (an --exclude-certified plan has every layer's certificates already)
@@ -247,7 +249,7 @@ def run_study_campaign(run: str | Path, cfg: PlanConfig, opts: CampaignOptions,
             record_calibration(run, store, factory, cfg, predictor)
     dt = time.perf_counter() - t0
     return RunSummary(ran, c["planned"], c["done"], dt, ran / dt if dt > 0 else float("nan"),
-                      rounds, share, [note] if note else [])
+                      rounds, share, notes)
 
 
 def _certified_share(store: CampaignStore) -> float | None:
