@@ -41,11 +41,13 @@ from flipguard.study.engines import RunEngineFactory
 MAX_ROUNDS = 4  # refine_stratified: the allocation round plus at most 3 more
 
 
-def layer_cells(run: str) -> tuple[Any, dict[str, dict[int, dict[str, float]]], int]:
+def layer_cells(run: str) -> tuple[Any, dict[str, dict[int, dict[str, float]]], int,
+                                   dict[str, Any]]:
     """The campaign's config, per layer and sub-stratum ``{N, n, k, p}`` (certified: ``N``
-    only) and the faults it simulated."""
+    only), the faults it simulated and its engine recipe."""
     with CampaignStore(store_path(run)) as store:
         cfg = PlanConfig.from_dict(store.definition["plan"])
+        eng = store.definition.get("engine", {})
         cells: dict[str, dict[int, dict[str, float]]] = {}
         for s in store.strata():
             parent, h = split_key(s.key)
@@ -56,17 +58,21 @@ def layer_cells(run: str) -> tuple[Any, dict[str, dict[int, dict[str, float]]], 
             c["n"] += 1
             c["k"] += cls in CRITICAL
         done = store.counts()["done"]
-    return cfg, cells, done
+    return cfg, cells, done, eng
 
 
-def calibrated_group_priors(run: str, cfg: Any) -> dict[str, dict[int, float]]:
-    """Per layer and sub-stratum: the size-weighted mean of its classes' calibrated priors."""
-    factory = RunEngineFactory(run, fmt=cfg.fmt)
+def calibrated_group_priors(run: str, cfg: Any, eng: dict[str, Any]
+                            ) -> dict[str, dict[int, float]]:
+    """Per layer and sub-stratum: the size-weighted mean of its classes' calibrated priors
+    (on the images the campaign evaluated)."""
+    factory = RunEngineFactory(run, images=eng.get("images"), fmt=cfg.fmt,
+                               data_dir=eng.get("data_dir"))
     calib = load_calibration(run, calibration_key(factory, cfg))
     if calib is None:
         raise SystemExit(f"{run}: no calibration recorded for this campaign's predictor")
     pri = calib.priors()
-    fine = plan_campaign(run, replace(cfg, class_groups=None, class_priors=None), probe=0)
+    fine = plan_campaign(run, replace(cfg, class_groups=None, class_priors=None),
+                         eng.get("images"), probe=0)
     groups = cfg.class_groups
     gmap = None if groups is None else group_map(parse_groups(groups))
     acc: dict[str, dict[int, list[float]]] = {}
@@ -115,8 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", default=None)
     a = ap.parse_args(argv)
-    cfg, cells, done = layer_cells(a.run)
-    cal = calibrated_group_priors(a.run, cfg)
+    cfg, cells, done, eng = layer_cells(a.run)
+    if cfg.class_priors is not None:
+        raise SystemExit(f"{a.run}: the campaign planned with calibrated priors; the replay "
+                         f"compares the fixed ones against the calibration")
+    cal = calibrated_group_priors(a.run, cfg, eng)
     cfg = replace(cfg, error=a.error or cfg.error, confidence=a.confidence or cfg.confidence)
     leveugle = make_plan(RunEngineFactory(a.run).model(),
                          replace(cfg, sampling="uniform", class_groups=None, class_priors=None,

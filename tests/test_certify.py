@@ -370,6 +370,7 @@ def test_a_second_campaign_reuses_the_certificates(tmp_path, monkeypatch):
     calls.update(cuts=0, layers=[])
     b = cli.invoke(app, ["campaign", "run", str(other), *args, "--error", "0.2"])
     assert b.exit_code == 0, b.output
-    assert calls["cuts"] == 0 and set(calls["layers"]) <= skipped & {"decoder.14", "decoder.16"}
+    assert calls["cuts"] == 0 and calls["layers"]  # a skipped layer the larger plan repays
+    assert set(calls["layers"]) <= skipped & {"decoder.14", "decoder.16"}
     assert [p.name for p in (other / "certificates").glob("*.npz")] == [cache.name]
     assert json.loads(b.stdout)["certified_pairs"] > 0

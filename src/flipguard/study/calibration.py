@@ -130,13 +130,18 @@ def load_calibration(run: str | Path, key: str) -> Calibration | None:
 def record_calibration(run: str | Path, store: CampaignStore, factory: Any, cfg: PlanConfig,
                        predictor: Any) -> Path:
     """Write the store's predicted-vs-observed counts into the run's calibration file
-    (atomically; the store's earlier counts are replaced)."""
+    (atomically; the store's earlier counts are replaced, and so are those of a campaign
+    of the same plan with other class priors: its seeded draws overlap, and counting them
+    twice would make the calibrated priors bolder than their interval says)."""
     rows = calibration_table(store, cfg.criterion, predictor=predictor)
     path = Path(run) / CALIBRATION_FILE
     data = _read(path)
     entry = data["entries"].setdefault(calibration_key(factory, cfg), {
         "criterion": cfg.criterion, "fmt": cfg.fmt, "campaigns": {}})
-    entry["campaigns"][store.definition.get("plan_digest", str(store_path(run)))] = {
+    plan = store.definition.get("plan")
+    name = replace(PlanConfig.from_dict(plan), class_priors=None).digest() if plan \
+        else str(store_path(run))
+    entry["campaigns"][name] = {
         "classes": [[int(r["n"]), int(r["critical"])] for r in rows]}
     with replacing(path, ".json") as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
@@ -217,7 +222,8 @@ def resolve_calibrated(run: str | Path, cfg: PlanConfig, factory: Any, predictor
 
 
 def _priors_text(priors: Any) -> str:
-    return "fixed" if priors is None else ", ".join(f"{v:.3g}" for v in priors)
+    """The priors as ``--class-priors`` takes them back (round-trip precision)."""
+    return "fixed" if priors is None else ",".join(repr(float(v)) for v in priors)
 
 
 def _resumed_plan(run: str | Path, fresh: bool) -> dict[str, Any] | None:
