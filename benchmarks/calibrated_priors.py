@@ -11,8 +11,8 @@ The campaign's own sequential design (:func:`flipguard.criticality.run_stratifie
 allocation, top-ups and a closing round, at most 4 rounds after the audit, as
 ``campaign run --sampling stratified``) is then replayed ``--reps`` times per layer with the
 plan's fixed priors and with the priors ``--class-priors calibrated`` takes from RUN's
-calibration (:meth:`flipguard.study.calibration.Calibration.priors`, each group's the
-size-weighted mean of its classes'). Reported: mean simulated faults per layer and in all,
+calibration (:meth:`flipguard.study.calibration.Calibration.priors`, grouped as the plan
+groups them). Reported: mean simulated faults per layer and in all,
 the ratio to Leveugle's plan, how often the interval covered the synthetic truth and how
 often the margin was met (``--error`` / ``--confidence``: replay at another margin than the
 campaign's). A projection (synthetic outcomes at the observed rates), not a
@@ -29,7 +29,6 @@ import numpy as np
 from _emit import command, emit
 
 from flipguard.campaign.analysis import classify_store
-from flipguard.campaign.grouping import group_map, parse_groups
 from flipguard.campaign.planner import PlanConfig, make_plan
 from flipguard.campaign.store import CampaignStore, store_path
 from flipguard.campaign.substrata import CERTIFIED, run_stratified, split_key
@@ -63,28 +62,20 @@ def layer_cells(run: str) -> tuple[Any, dict[str, dict[int, dict[str, float]]], 
 
 def calibrated_group_priors(run: str, cfg: Any, eng: dict[str, Any]
                             ) -> dict[str, dict[int, float]]:
-    """Per layer and sub-stratum: the size-weighted mean of its classes' calibrated priors
-    (on the images the campaign evaluated)."""
+    """Per layer and sub-stratum: the prior the campaign's plan gets with RUN's calibrated
+    class priors (``stratify_plan``: a group's the size-weighted mean of its classes'), on
+    the images the campaign evaluated."""
     factory = RunEngineFactory(run, images=eng.get("images"), fmt=cfg.fmt,
                                data_dir=eng.get("data_dir"))
     calib = load_calibration(run, calibration_key(factory, cfg))
     if calib is None:
         raise SystemExit(f"{run}: no calibration recorded for this campaign's predictor")
-    pri = calib.priors()
-    fine = plan_campaign(run, replace(cfg, class_groups=None, class_priors=None),
-                         eng.get("images"), probe=0)
-    groups = cfg.class_groups
-    gmap = None if groups is None else group_map(parse_groups(groups))
-    acc: dict[str, dict[int, list[float]]] = {}
-    for s in fine.plan["strata"]:
-        h = int(s["crit"])
-        if h == CERTIFIED:
-            continue
-        g = int(gmap[h]) if gmap is not None else h
-        a = acc.setdefault(s["parent"], {}).setdefault(g, [0.0, 0.0])
-        a[0] += s["N"] * pri[h]
-        a[1] += s["N"]
-    return {k: {g: a / b for g, (a, b) in v.items()} for k, v in acc.items()}
+    plan = plan_campaign(run, replace(cfg, class_priors=calib.priors()), eng.get("images"),
+                         probe=0).plan
+    out: dict[str, dict[int, float]] = {}
+    for s in plan["strata"]:
+        out.setdefault(s["parent"], {})[int(s["crit"])] = s["p"]
+    return out
 
 
 def replay(cells: dict[int, dict[str, float]], priors: dict[int, float], error: float,

@@ -40,8 +40,7 @@ from flipguard.study.predictors import calibration_table
 
 __all__ = ["CALIBRATION_FILE", "PRIOR_CONFIDENCE", "Calibration", "calibration_key",
            "class_groups_option", "class_priors_option", "load_calibration",
-           "record_calibration", "resolve_calibrated", "resolve_class_groups",
-           "resolve_class_priors"]
+           "record_calibration", "resolve_calibrated"]
 
 CALIBRATION_FILE = "criticality/calibration.json"
 _VERSION = 1
@@ -148,21 +147,57 @@ def record_calibration(run: str | Path, store: CampaignStore, factory: Any, cfg:
     return path
 
 
-def resolve_class_groups(run: str | Path, cfg: PlanConfig, factory: Any, predictor: Any,
-                         fresh: bool = False) -> tuple[PlanConfig, str | None]:
-    """``cfg`` with the class groups ``--class-groups auto`` picks, and a note saying why.
+def resolve_calibrated(run: str | Path, cfg: PlanConfig, factory: Any, predictor: Any,
+                       fresh: bool = False, groups: bool = False, priors: bool = False
+                       ) -> tuple[PlanConfig, list[str]]:
+    """``cfg`` with the class priors (``priors``: ``--class-priors calibrated``) and class
+    groups (``groups``: ``--class-groups auto``) the run's calibration gives, and the notes
+    saying which. The resumed store and the calibration are read once for both.
 
-    A campaign being resumed keeps the groups it was planned with; without a calibration
-    nothing is grouped (the fixed class priors are not evidence); otherwise the grouping
-    with the smallest predicted campaign at the calibrated rates."""
-    if cfg.sampling != "stratified" or cfg.class_groups is not None:
-        return cfg, None
-    plan = _resumed_plan(run, fresh)
-    if plan is not None:
-        stored = plan.get("class_groups")
+    A campaign being resumed keeps the priors and groups it was planned with. Without a
+    calibration the plan keeps the fixed class priors and groups nothing (the fixed priors
+    are not evidence). Otherwise the priors are :meth:`Calibration.priors` and the groups
+    the grouping with the smallest predicted campaign at the calibrated rates. Both are
+    frozen into the plan before anything is drawn (round weights are fixed before each
+    round), so the estimates stay unbiased."""
+    if cfg.sampling != "stratified" or not (priors and cfg.class_priors is None or
+                                            groups and cfg.class_groups is None):
+        return cfg, []
+    resumed = _resumed_plan(run, fresh)
+    calib = None if resumed is not None else load_calibration(run, calibration_key(factory, cfg))
+    notes = []
+    if priors and cfg.class_priors is None:
+        cfg, note = _priors_from(cfg, resumed, calib)
+        notes.append(note)
+    if groups and cfg.class_groups is None:
+        cfg, note = _groups_from(cfg, resumed, calib, factory, predictor)
+        notes.append(note)
+    return cfg, notes
+
+
+def _priors_from(cfg: PlanConfig, resumed: dict[str, Any] | None, calib: Calibration | None
+                 ) -> tuple[PlanConfig, str]:
+    """The class priors of :func:`resolve_calibrated` and their note."""
+    if resumed is not None:
+        stored = resumed.get("class_priors")
+        return replace(cfg, class_priors=None if stored is None else tuple(stored)), (
+            f"class priors: {_priors_text(stored)} (as the campaign being resumed)")
+    if calib is None:
+        return cfg, "class priors: fixed (no calibration of this run's predictor yet)"
+    priors = calib.priors()
+    return replace(cfg, class_priors=priors), (
+        f"class priors: {_priors_text(priors)} (calibrated on {calib.faults:,} faults of "
+        f"{calib.campaigns} campaign(s), the cautious end of each class's "
+        f"{PRIOR_CONFIDENCE:.0%} interval; fixed: {_priors_text(CLASS_PRIORS)})")
+
+
+def _groups_from(cfg: PlanConfig, resumed: dict[str, Any] | None, calib: Calibration | None,
+                 factory: Any, predictor: Any) -> tuple[PlanConfig, str]:
+    """The class groups of :func:`resolve_calibrated` and their note."""
+    if resumed is not None:
+        stored = resumed.get("class_groups")
         return replace(cfg, class_groups=stored), (
             f"class groups: {stored or 'none'} (as the campaign being resumed)")
-    calib = load_calibration(run, calibration_key(factory, cfg))
     if calib is None:
         return cfg, "class groups: none (auto: no calibration of this run's predictor yet)"
     plan = stratify_plan(make_plan(factory.model(), cfg), predictor)
@@ -178,47 +213,6 @@ def resolve_class_groups(run: str | Path, cfg: PlanConfig, factory: Any, predict
             f"{calib.campaigns} campaign(s): at those rates {table[text]:,} faults predicted "
             f"vs {table[finest]:,} with every class apart)")
     return replace(cfg, class_groups=None if text == finest else text), note
-
-
-def resolve_class_priors(run: str | Path, cfg: PlanConfig, factory: Any, fresh: bool = False
-                         ) -> tuple[PlanConfig, str | None]:
-    """``cfg`` with the class priors ``--class-priors calibrated`` takes from the run's
-    calibration (:meth:`Calibration.priors`), and a note saying which.
-
-    A campaign being resumed keeps the priors it was planned with; without a calibration the
-    plan keeps the fixed class priors. The priors are frozen into the plan before anything
-    is drawn (round weights are fixed before each round), so the estimates stay unbiased."""
-    if cfg.sampling != "stratified" or cfg.class_priors is not None:
-        return cfg, None
-    plan = _resumed_plan(run, fresh)
-    if plan is not None:
-        stored = plan.get("class_priors")
-        return replace(cfg, class_priors=None if stored is None else tuple(stored)), (
-            f"class priors: {_priors_text(stored)} (as the campaign being resumed)")
-    calib = load_calibration(run, calibration_key(factory, cfg))
-    if calib is None:
-        return cfg, "class priors: fixed (no calibration of this run's predictor yet)"
-    priors = calib.priors()
-    return replace(cfg, class_priors=priors), (
-        f"class priors: {_priors_text(priors)} (calibrated on {calib.faults:,} faults of "
-        f"{calib.campaigns} campaign(s), the cautious end of each class's "
-        f"{PRIOR_CONFIDENCE:.0%} interval; fixed: {_priors_text(CLASS_PRIORS)})")
-
-
-def resolve_calibrated(run: str | Path, cfg: PlanConfig, factory: Any, predictor: Any,
-                       fresh: bool = False, groups: bool = False, priors: bool = False
-                       ) -> tuple[PlanConfig, list[str]]:
-    """``cfg`` with the class priors (``priors``, :func:`resolve_class_priors`) and class
-    groups (``groups``, :func:`resolve_class_groups`) the run's calibration gives, and the
-    notes saying which."""
-    notes = []
-    if priors:
-        cfg, note = resolve_class_priors(run, cfg, factory, fresh)
-        notes += [note] if note else []
-    if groups:
-        cfg, note = resolve_class_groups(run, cfg, factory, predictor, fresh)
-        notes += [note] if note else []
-    return cfg, notes
 
 
 def _priors_text(priors: Any) -> str:

@@ -53,10 +53,9 @@ class CampaignOptions:
     ``limit`` faults, ``fresh`` store, ``refine`` rounds (always for stratified plans),
     ``chunk`` faults per engine batch, ``probe`` faults timed first, ``certify`` (skip
     the simulation of faults proven to change no decision), ``auto_groups`` (a stratified
-    plan groups predicted classes as the run's calibration says pays,
-    :func:`flipguard.study.calibration.resolve_class_groups`), ``auto_priors`` (its class
-    priors come from that calibration, :func:`~flipguard.study.calibration.
-    resolve_class_priors`)."""
+    plan groups predicted classes as the run's calibration says pays) and ``auto_priors``
+    (its class priors come from that calibration; both
+    :func:`flipguard.study.calibration.resolve_calibrated`)."""
 
     images: int | None = None
     workers: int = 1
